@@ -258,11 +258,10 @@ def _read_dicom_files(
         raise ChestCTInputError(source, "multi-frame (enhanced) DICOM is not supported; export as one file per slice")
     if {(h.rows, h.columns) for h in headers} != {(first.rows, first.columns)}:
         raise ChestCTInputError(source, "slices of different sizes in one series")
-    if any(h.position is None or h.orientation is None for h in headers):
-        if len(headers) > 1:
-            raise ChestCTInputError(source, "slices without ImagePositionPatient/ImageOrientationPatient cannot be ordered")
+    if len(headers) > 1 and any(h.position is None or h.orientation is None for h in headers):
+        raise ChestCTInputError(source, "slices without ImagePositionPatient/ImageOrientationPatient cannot be ordered")
     orientation = np.asarray(first.orientation if first.orientation is not None else (1, 0, 0, 0, 1, 0), float)
-    if any(not np.allclose(h.orientation, orientation, atol=1e-3) for h in headers):
+    if any(h.orientation is not None and not np.allclose(h.orientation, orientation, atol=1e-3) for h in headers):
         raise ChestCTInputError(source, "slices with different orientations in one series")
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)

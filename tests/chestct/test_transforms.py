@@ -62,7 +62,8 @@ def test_body_crop_keeps_body_drops_table(seed: int) -> None:
     assert out["image"].shape[1:] == out["truth"].shape[1:] == out["body"].shape[1:]
     assert (z0, z1) == (0, phantom.image.shape[2])
     # the crop moved the origin with it: the first kept voxel sits where it did in the input
-    np.testing.assert_allclose(out["image"].affine.numpy() @ [0, 0, 0, 1], item["image"].affine.numpy() @ [x0, y0, 0, 1])
+    first_voxel = out["image"].affine.numpy() @ [0, 0, 0, 1]
+    np.testing.assert_allclose(first_voxel, item["image"].affine.numpy() @ [x0, y0, 0, 1])
 
 
 def test_body_crop_minimum_size_and_padding() -> None:
