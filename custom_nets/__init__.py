@@ -1,3 +1,24 @@
 """Networks and losses of the COVID-19 chest CT bundles: plain PyTorch/MONAI modules, no file or config logic."""
 
 from __future__ import annotations
+
+from custom_nets.attention import GatedInstanceAttention, GatedSpatialAttention
+from custom_nets.dacmil import DACMIL, DACMIL_BACKBONES, DACMIL_POOLINGS, ResNetFeatures
+from custom_nets.gcp import GlobalContrastPooling
+from custom_nets.losses import DACMILLoss, InstanceBagContrastiveLoss, M2UNetLoss
+from custom_nets.m2unet import M2UNET_TASKS, M2UNet
+
+__all__ = [
+    "DACMIL",
+    "DACMILLoss",
+    "DACMIL_BACKBONES",
+    "DACMIL_POOLINGS",
+    "GatedInstanceAttention",
+    "GatedSpatialAttention",
+    "GlobalContrastPooling",
+    "InstanceBagContrastiveLoss",
+    "M2UNET_TASKS",
+    "M2UNet",
+    "M2UNetLoss",
+    "ResNetFeatures",
+]
