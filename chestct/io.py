@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -133,7 +133,9 @@ def load_ct(
             "original_channel_dim": "no_channel",
         }
     )
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], meta=meta)
+    # One C-contiguous (X, Y, Z) copy: scipy's labelling runs several times faster on it than on strided views.
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return MetaTensor(torch.from_numpy(array)[None], meta=meta)
 
 
 def reorient_to_original(array: np.ndarray, affine: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
@@ -282,9 +284,11 @@ def _read_dicom_files(
             raise ChestCTInputError(source, message)
         warnings.warn(f"{source}: {message}; the slices are stacked as they are", IrregularSpacingWarning, stacklevel=3)
 
-    pixels = _decode_all([h.path for h in headers], num_workers, source)
-    array = np.stack(pixels, axis=-1)  # (rows=y, columns=x, z)
-    array = np.ascontiguousarray(array.transpose(1, 0, 2))  # (x, y, z)
+    # Each slice is written straight into the (x, y, z) volume as it arrives from the decoding processes:
+    # half the cost of stacking (z, y, x) and transposing afterwards.
+    array = np.empty((first.columns, first.rows, len(headers)), dtype=np.float32)
+    for index, (pixels, slope, intercept) in enumerate(_decode_all([h.path for h in headers], num_workers, source)):
+        array[:, :, index] = pixels.T * np.float32(slope) + np.float32(intercept)
 
     ds = _dataset(headers[0].path)
     row_spacing, col_spacing = (float(v) for v in ds.get("PixelSpacing", (1.0, 1.0)))
@@ -334,36 +338,43 @@ def _thickness(ds) -> float:
     return float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
 
 
-def _decode(path: str) -> np.ndarray:
-    """Pixel data of one slice in HU, ``(rows, columns)`` float32."""
+def _decode(path: str) -> tuple[np.ndarray, float, float]:
+    """Stored pixel values of one slice ``(rows, columns)`` with its rescale slope and intercept."""
     import pydicom
 
     ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    # Integers travel back from the decoding processes at half the size of float32.
+    return ds.pixel_array, slope, intercept
 
 
-def _decode_safely(path: str) -> np.ndarray | str:
+def _decode_safely(path: str) -> tuple[np.ndarray, float, float] | str:
     try:
         return _decode(path)
     except Exception as error:  # reported with the file's name by the caller
         return f"{type(error).__name__}: {error}"
 
 
-def _decode_all(paths: list[str], num_workers: int | None, source: Path) -> list[np.ndarray]:
+def _decode_all(
+    paths: list[str], num_workers: int | None, source: Path
+) -> Iterator[tuple[np.ndarray, float, float]]:
+    """Decoded slices in the order of ``paths``, yielded as they are ready."""
     workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
     if workers > 1 and len(paths) >= _PARALLEL_DECODE_MIN_FILES and _is_compressed(paths[0]):
         # Fork keeps start-up cheap; the workers only run pydicom and the JPEG codecs.
         with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(_decode_safely, paths, chunksize=max(1, len(paths) // (4 * workers))))
+            chunk = max(1, len(paths) // (8 * workers))
+            yield from _checked(paths, pool.map(_decode_safely, paths, chunksize=chunk), source)
     else:
-        results = [_decode_safely(p) for p in paths]
+        yield from _checked(paths, map(_decode_safely, paths), source)
+
+
+def _checked(paths: list[str], results: Iterable, source: Path) -> Iterator[tuple[np.ndarray, float, float]]:
     for path, result in zip(paths, results):
         if isinstance(result, str):
             raise ChestCTInputError(path, f"corrupt or truncated pixel data ({result}) in the series {source}")
-    return results  # type: ignore[return-value]
+        yield result
 
 
 def _is_compressed(path: str) -> bool:
