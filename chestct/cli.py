@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess = commands.add_parser("preprocess", help="load, body-crop and lung-mask scans; write QC outputs")
     preprocess.add_argument("scans", nargs="+", help="DICOM series folders, DICOM files, NIfTI, NRRD or MHA files")
     preprocess.add_argument("--out", required=True, help="output folder (one subfolder per scan)")
-    preprocess.add_argument("--lung-method", default="classical", help="lung mask method (default: classical)")
+    preprocess.add_argument("--lung-method", choices=("classical", "model"), default="classical",
+                            help="lung mask method: classical threshold, or the exported lung segmenter")
+    preprocess.add_argument("--model-path", default=None,
+                            help="TorchScript lung segmenter for --lung-method model (default: the bundle's model)")
+    preprocess.add_argument("--device", default=None, help="device for the model (default: cuda if available)")
     for sub in (phantoms, preprocess):
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -65,9 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.num_cases} {args.task} phantoms; datalist: {datalist}")
         return 0
 
+    from chestct.errors import ChestCTInputError
     from chestct.preprocess import run_quality_control
 
-    summaries = run_quality_control(args.scans, args.out, lung_method=args.lung_method, progress=not args.quiet)
+    options = {"model_path": args.model_path, "device": args.device} if args.lung_method == "model" else {}
+    try:
+        summaries = run_quality_control(args.scans, args.out, lung_method=args.lung_method, progress=not args.quiet,
+                                        lung_method_options=options)
+    except ChestCTInputError as error:
+        print(f"chestct preprocess: {error}", file=sys.stderr)
+        return 2
     failed = [s for s in summaries if s["status"] != "ok"]
     for summary in summaries:
         if summary["status"] == "ok":

@@ -1,13 +1,16 @@
-"""Lung masks: the classical threshold method and a registry through which a learned segmenter plugs in.
+"""Lung masks: the classical threshold method, and a registry through which the learned segmenter plugs in.
 
 A lung mask method is any callable ``method(hu, spacing, body) -> labels`` taking a CT volume in HU ``(X, Y, Z)``
 (canonical LPS voxel order, see :mod:`chestct.io`), the voxel size in mm and the body mask (or ``None``), and
 returning uint8 labels ``(X, Y, Z)``: 0 background, 1 right lung, 2 left lung, in patient coordinates.
+``"classical"`` is :func:`classical_lung_mask`; ``"model"`` is :class:`chestct.lungseg_model.ModelLungMask`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -239,13 +242,29 @@ def _mean_x(mask: np.ndarray) -> float:
     return float(np.average(np.arange(mask.shape[0]), weights=mask.sum(axis=(1, 2))))
 
 
-LUNG_MASK_METHODS: dict[str, LungMaskMethod] = {"classical": classical_lung_mask}
+def _classical(**options: Any) -> LungMaskMethod:
+    return partial(classical_lung_mask, **options) if options else classical_lung_mask
 
 
-def get_lung_mask_method(method: str | LungMaskMethod) -> LungMaskMethod:
-    """Look up a lung mask method by name (``"classical"``, or one registered in :data:`LUNG_MASK_METHODS`)."""
+def _model(**options: Any) -> LungMaskMethod:
+    from chestct.lungseg_model import ModelLungMask  # torch.jit only when a model is asked for
+
+    return ModelLungMask(**options)
+
+
+# Factories by name: each takes the method's options (threshold=..., model_path=..., device=...) and returns it.
+LUNG_MASK_METHODS: dict[str, Callable[..., LungMaskMethod]] = {"classical": _classical, "model": _model}
+
+
+def get_lung_mask_method(method: str | LungMaskMethod, **options: Any) -> LungMaskMethod:
+    """A lung mask method by name (``"classical"``, ``"model"`` or one registered in :data:`LUNG_MASK_METHODS`).
+
+    Args:
+        method: the name, or a callable ``(hu, spacing, body) -> labels`` returned as it is.
+        options: the method's settings, e.g. ``model_path`` and ``device`` for ``"model"``.
+    """
     if callable(method):
         return method
     if method not in LUNG_MASK_METHODS:
         raise ValueError(f"unknown lung mask method {method!r}; known: {sorted(LUNG_MASK_METHODS)}.")
-    return LUNG_MASK_METHODS[method]
+    return LUNG_MASK_METHODS[method](**options)

@@ -6,7 +6,7 @@ import os
 import resource
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from chestct.constants import BODY_CROP_MIN_SIZE, LUNG_LEFT, LUNG_RIGHT
 from chestct.errors import ChestCTInputError
 from chestct.io import load_ct
-from chestct.lungmask import LungMaskMethod
+from chestct.lungmask import LungMaskMethod, get_lung_mask_method
 from chestct.transforms import BodyCropd, HUWindowd, LungMaskd
 from chestct.writers import save_nifti_like_input, save_qc_montage, uncrop, write_json
 
@@ -157,16 +157,21 @@ def run_quality_control(
     out_dir: str | os.PathLike,
     lung_method: str | LungMaskMethod = "classical",
     progress: bool = True,
+    lung_method_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Preprocess each scan and write ``out_dir/<scan>/`` (NIfTI, montage, ``summary.json``).
 
     A scan that fails is reported (``status: "failed"`` and the reason) and the others go on.
+
+    Raises:
+        ChestCTInputError: the lung mask method cannot be set up (for example a missing model file).
 
     Returns:
         one summary per scan, in input order; also written as ``out_dir/summary.json``.
     """
     out_dir = Path(out_dir)
     scans = list(scans)
+    lung_method = get_lung_mask_method(lung_method, **dict(lung_method_options or {}))  # load a model once
     summaries = []
     for path in tqdm(scans, desc="preprocess", unit="scan", disable=not progress):
         name = scan_name(path)

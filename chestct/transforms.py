@@ -166,8 +166,10 @@ class LungMaskd(MapTransform):
     Args:
         keys: keys of the HU images.
         output_key: where to write the labels (one key, so ``keys`` must hold a single key).
-        method: ``"classical"`` (threshold, see :func:`chestct.lungmask.classical_lung_mask`), another name
-            registered in ``chestct.lungmask.LUNG_MASK_METHODS``, or a callable ``(hu, spacing, body) -> labels``.
+        method: ``"classical"`` (threshold, see :func:`chestct.lungmask.classical_lung_mask`), ``"model"`` (the
+            exported lung segmenter, see :class:`chestct.lungseg_model.ModelLungMask`), another name registered in
+            ``chestct.lungmask.LUNG_MASK_METHODS``, or a callable ``(hu, spacing, body) -> labels``.
+        method_options: settings of the method (e.g. ``{"model_path": ..., "device": "cuda"}`` for ``"model"``).
         body_key: key of a body mask on the same grid (from :class:`BodyCropd`), or ``None`` to compute it.
         require_lungs: raise :class:`~chestct.errors.ChestCTInputError` when no lung is found.
         allow_missing_keys: skip absent keys.
@@ -180,12 +182,13 @@ class LungMaskd(MapTransform):
         method: str | LungMaskMethod = "classical",
         body_key: str | None = "body",
         require_lungs: bool = True,
+        method_options: Mapping[str, Any] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"LungMaskd takes one image key, got {self.keys}.")
-        self.method = get_lung_mask_method(method)
+        self.method = get_lung_mask_method(method, **dict(method_options or {}))
         self.output_key, self.body_key, self.require_lungs = output_key, body_key, require_lungs
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
