@@ -232,3 +232,23 @@ def test_regular_series_has_no_warning(series: tuple[Path, np.ndarray]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_ct(series[0])
+
+
+@pytest.mark.real_data
+def test_every_real_single_slice_loads(real_data: Path) -> None:
+    files = sorted((real_data / "ny_sbu_slices").rglob("*.dcm"))
+    assert len(files) == 62
+    for file in files:
+        image = load_ct(file, require_volume=False)
+        assert sorted(image.shape[1:])[0] == 1, file
+        assert float(image.min()) <= -1000 and float(image.max()) >= 100, file
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("relative", ["cip/lm-64.nrrd", "cip/derived_ct-64_lungmask_from_10002K.nrrd",
+                                      "cip/derived_crop_ct_2slices_lobes.nrrd", "totalsegmentator/example_seg.nii.gz"])
+def test_real_label_maps_are_not_ct(real_data: Path, relative: str) -> None:
+    with pytest.raises(ChestCTInputError, match="not Hounsfield units"):
+        load_ct(real_data / relative)
+    labels = load_ct(real_data / relative, check_hu=False)
+    assert float(labels.min()) >= 0
