@@ -63,8 +63,11 @@ def close_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= 0:
         return mask.astype(bool)
     size = (2 * radius + 1, 2 * radius + 1, 1)
-    dilated = ndimage.maximum_filter(mask.astype(np.uint8), size=size, mode="constant", cval=0)
-    return ndimage.minimum_filter(dilated, size=size, mode="constant", cval=1).astype(bool)
+    # A margin as wide as the radius lets the dilation spill over the border and the erosion take it back.
+    padded = np.pad(mask.astype(np.uint8), ((radius, radius), (radius, radius), (0, 0)))
+    dilated = ndimage.maximum_filter(padded, size=size, mode="constant", cval=0)
+    closed = ndimage.minimum_filter(dilated, size=size, mode="constant", cval=0)
+    return closed[radius:-radius, radius:-radius].astype(bool)
 
 
 def label_in_plane(mask: np.ndarray) -> tuple[np.ndarray, int]:
