@@ -7,6 +7,14 @@ from custom_nets.dacmil import DACMIL, DACMIL_BACKBONES, DACMIL_POOLINGS, ResNet
 from custom_nets.gcp import GlobalContrastPooling
 from custom_nets.losses import DACMILLoss, InstanceBagContrastiveLoss, M2UNetLoss
 from custom_nets.m2unet import M2UNET_TASKS, M2UNet
+from custom_nets.resnest import (  # importing registers the encoders in MONAI's FlexibleUNet backbone registry
+    RESNEST_VARIANTS,
+    ResNeStBottleneck,
+    ResNeStEncoder,
+    ResNeStUNet,
+    SplitAttention2d,
+    resnest_output_channels,
+)
 
 __all__ = [
     "DACMIL",
@@ -20,5 +28,11 @@ __all__ = [
     "M2UNET_TASKS",
     "M2UNet",
     "M2UNetLoss",
+    "RESNEST_VARIANTS",
+    "ResNeStBottleneck",
+    "ResNeStEncoder",
+    "ResNeStUNet",
     "ResNetFeatures",
+    "SplitAttention2d",
+    "resnest_output_channels",
 ]
