@@ -4,6 +4,8 @@ Examples::
 
     chestct phantoms --out data/screening --num-cases 40 --task screening
     chestct preprocess scan_folder/ other.nii.gz --out qc/
+    chestct crossval --bundle_root bundles/m2unet_covid_severity --config_file configs/train.yaml \
+        --config_file configs/evaluate.yaml --datalist data/severity/datalist.json --folds 5 --output_dir cv/
 """
 
 from __future__ import annotations
@@ -48,11 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_argument("--device", default=None, help="device for the model (default: cuda if available)")
     for sub in (phantoms, preprocess):
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    commands.add_parser("crossval", add_help=False,
+                        help="k-fold training and evaluation of a bundle (see: chestct crossval --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (non-zero when a scan failed or an argument is wrong)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["crossval"]:  # its own parser, shared with `python -m chestct.crossval`
+        from chestct.crossval import main as crossval_main
+
+        return crossval_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "phantoms":
         from chestct.phantoms import generate_cohort

@@ -68,3 +68,10 @@ def test_outputs_on_the_input_grid(tmp_path: Path) -> None:
     truth = phantom.lungs[::-1, ::-1] > 0
     found = np.asarray(lungs.dataobj) > 0
     assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) >= 0.95
+
+
+def test_crossval_subcommand_reaches_its_parser(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["crossval", "--help"])
+    assert info.value.code == 0
+    assert "--bundle_root" in capsys.readouterr().out
