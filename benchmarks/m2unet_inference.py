@@ -1,0 +1,245 @@
+"""Benchmark: M2UNet severity + full lobe segmentation of one chest CT on the CPU, seconds per stage, peak memory.
+
+The stages are those of the bundle's inference (configs/inference.yaml): load in HU, body crop, lung window, severity
+from ``--draws`` random bags of ``--num-patches`` patches (encoder + MIL, no decoder), full-slice lobe segmentation
+(MONAI sliding window of ``--patch-size`` over every axial slice), writing the lobe NIfTI on the input grid and the
+lobe volumes. The network has random weights (the cost does not depend on them) unless ``--weights`` is given.
+Optionally (``--train-step``) the time and peak memory of one training step on one bag (forward + backward of both
+tasks and an SGD step), at ``--train-patches`` patches.
+
+    python benchmarks/m2unet_inference.py                       # covid_ct_md/normal001 from the real data folder
+    python benchmarks/m2unet_inference.py SCAN --threads 2 --out outputs/benchmarks --train-step
+
+Target (issue 5): severity + full lobe segmentation under 60 s on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_TOTAL_S = 60.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _default_scan() -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from chestct.paths import real_data_dir
+
+    return real_data_dir() / "covid_ct_md" / "normal001"
+
+
+def _network(args: argparse.Namespace):
+    import torch
+
+    from custom_nets import M2UNet
+
+    net = M2UNet(features=args.features, decoder_features=args.decoder_features)
+    if args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    return net
+
+
+def run_inference(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from chestct.multitask_engine import case_geometry
+    from chestct.patch_bags import RandomPatchBagd, lobe_volumes_ml, segment_volume_slices
+    from chestct.transforms import BodyCropd, HUWindowd, LoadCTd
+    from chestct.writers import save_nifti_like_input, uncrop
+
+    torch.set_num_threads(args.threads)
+    times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    net = _network(args).eval()
+    stage_cpu = [time.process_time()]
+
+    def lap(name: str, started: float) -> None:
+        times[name] = time.perf_counter() - started
+        now = time.process_time()
+        cpu[name] = now - stage_cpu[0]
+        stage_cpu[0] = now
+
+    cpu_start = time.process_time()
+    t0 = time.perf_counter()
+    data = LoadCTd(keys="image")({"image": str(args.scan)})
+    lap("load", t0)
+    t = time.perf_counter()
+    data = BodyCropd(keys="image", body_key="body")(data)
+    lap("body_crop", t)
+    t = time.perf_counter()
+    data = HUWindowd(keys="image")(data)
+    lap("window", t)
+
+    t = time.perf_counter()
+    bagger = RandomPatchBagd(keys="image", label_keys=(), num_patches=args.num_patches, patch_size=args.patch_size,
+                             num_draws=args.draws)
+    bagger.set_random_state(seed=0)
+    bags = bagger({"image": data["image"], "body": data["body"]})
+    bags = bags if isinstance(bags, list) else [bags]
+    x = torch.stack([torch.as_tensor(b["image"]) for b in bags])
+    lap("bag_draw", t)
+    t = time.perf_counter()
+    with torch.no_grad():
+        probs = torch.softmax(net.classify(x, None, args.chunk_size), dim=-1)
+    probability = float(probs[:, 1].mean())
+    lap("severity", t)
+
+    t = time.perf_counter()
+    image = data["image"]
+    labels = segment_volume_slices(image.as_tensor(), net.segment, roi_size=args.patch_size,
+                                   sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+                                   slice_batch_size=args.slice_batch_size)
+    labels = labels * (torch.as_tensor(np.asarray(data["body"])).reshape(labels.shape) > 0).to(labels.dtype)
+    lap("lobe_segmentation", t)
+
+    t = time.perf_counter()
+    geometry = case_geometry(image)
+    volumes = lobe_volumes_ml(labels, spacing=np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))
+    start = np.asarray(geometry["crop_start"])
+    full = uncrop(labels.numpy(), (start, start + np.asarray(labels.shape)), geometry["input_shape"])
+    with tempfile.TemporaryDirectory() as folder:
+        save_nifti_like_input(full, geometry["input_affine"], geometry["original_affine"],
+                              Path(folder) / "lobes.nii.gz")
+    lap("write", t)
+    times["total"] = time.perf_counter() - t0
+    cpu["total"] = time.process_time() - cpu_start
+
+    windows_per_slice = _windows(image.shape[1], args.patch_size, args.overlap) * _windows(
+        image.shape[2], args.patch_size, args.overlap)
+    return {
+        "seconds": {k: round(v, 3) for k, v in times.items()},
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "input_shape": geometry["input_shape"],
+        "crop_shape": geometry["crop_shape"],
+        "windows": int(windows_per_slice * image.shape[3]),
+        "probability_severe": probability,
+        "lobe_volumes_ml": {k: round(v, 1) for k, v in volumes.items()},
+    }
+
+
+def _windows(size: int, roi: int, overlap: float) -> int:
+    import math
+
+    if size <= roi:
+        return 1
+    step = max(1, int(roi * (1 - overlap)))
+    return math.ceil((size - roi) / step) + 1
+
+
+def run_train_step(args: argparse.Namespace) -> dict:
+    import torch
+
+    from custom_nets import M2UNetLoss
+
+    torch.set_num_threads(args.threads)
+    net = _network(args).train()
+    loss_fn = M2UNetLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    n, p = args.train_patches, args.patch_size
+    bag = torch.rand(1, n, 1, p, p)
+    lobes = torch.randint(0, 6, (1, n, p, p))
+    labels = torch.tensor([1])
+    before = _peak_rss_mb()
+    results = []
+    cpu_times = []
+    for _ in range(args.train_repeats):
+        c = time.process_time()
+        t = time.perf_counter()
+        optimizer.zero_grad()
+        class_logits, seg_logits = net(bag)
+        loss = loss_fn(class_logits, labels, seg_logits, lobes, regularization=net.regularization_loss())
+        loss.backward()
+        optimizer.step()
+        results.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
+    return {
+        "patches": n,
+        "patch_size": p,
+        "seconds_per_step": [round(r, 2) for r in results],
+        "cpu_seconds_per_step": [round(r, 2) for r in cpu_times],
+        # the step is linear in the number of patches: scaled to the paper's bag of 200
+        "seconds_per_step_200_patches_extrapolated": round(min(results) * 200 / n, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_before_mb": round(before, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("scan", nargs="?", default=None, help="scan path (default: covid_ct_md/normal001)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--features", type=int, default=64, help="encoder width (the paper: 64)")
+    parser.add_argument("--decoder-features", type=int, default=None, help="decoder width (default: features)")
+    parser.add_argument("--weights", default=None, help="model.pt of a trained bundle (default: random weights)")
+    parser.add_argument("--num-patches", type=int, default=200, help="patches per bag")
+    parser.add_argument("--patch-size", type=int, default=128, help="patch and sliding-window size")
+    parser.add_argument("--draws", type=int, default=1, help="random bags averaged for the severity")
+    parser.add_argument("--chunk-size", type=int, default=50, help="patches per encoder call")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    parser.add_argument("--sw-batch-size", type=int, default=16, help="windows per network call")
+    parser.add_argument("--slice-batch-size", type=int, default=16, help="axial slices per sliding-window call")
+    parser.add_argument("--train-step", action="store_true", help="also time one training step on one bag")
+    parser.add_argument("--train-patches", type=int, default=200,
+                        help="patches of the training bag (200 needs about 17 GB of memory at 128 px, full width)")
+    parser.add_argument("--train-repeats", type=int, default=2, help="timed training steps")
+    parser.add_argument("--out", default="outputs/benchmarks", help="folder for m2unet_inference.json")
+    args = parser.parse_args()
+    args.scan = Path(args.scan) if args.scan else _default_scan()
+    if not args.scan.exists():
+        print(f"scan not found: {args.scan} (give a scan path, or set CHESTCT_REAL_DATA)", file=sys.stderr)
+        return 2
+
+    load_before = os.getloadavg()
+    result = {
+        "scan": str(args.scan),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "threads": args.threads},
+        "target_total_s": TARGET_TOTAL_S,
+        "inference": run_inference(args),
+    }
+    result["inference"]["meets_target"] = result["inference"]["seconds"]["total"] < TARGET_TOTAL_S
+    # other processes on the machine stretch the wall time: the load average and the CPU time tell by how much
+    result["inference"]["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    if args.train_step:
+        result["train_step"] = run_train_step(args)
+
+    inference = result["inference"]
+    print(f"M2UNet inference on {args.scan.name}: input {inference['input_shape']}, body crop "
+          f"{inference['crop_shape']}, {inference['windows']} windows, features {args.features}/"
+          f"{args.decoder_features or args.features}, {args.threads} threads")
+    print(f"{'stage':<20}{'wall s':>10}{'CPU s':>10}")
+    for stage, seconds in inference["seconds"].items():
+        print(f"{stage:<20}{seconds:>10.2f}{inference['cpu_seconds'][stage]:>10.2f}")
+    print(f"load average (1 min) before/after: {inference['load_average_before_after']} on {os.cpu_count()} CPUs")
+    print(f"{'peak memory (MB)':<20}{inference['peak_rss_mb']:>10.0f}")
+    print(f"target total < {TARGET_TOTAL_S:.0f} s: {'met' if inference['meets_target'] else 'NOT met'}")
+    if args.train_step:
+        step = result["train_step"]
+        print(f"training step, one bag of {step['patches']} x {step['patch_size']}^2: "
+              f"{step['seconds_per_step']} s (CPU {step['cpu_seconds_per_step']} s), peak memory "
+              f"{step['peak_rss_mb']:.0f} MB; scaled to 200 patches: "
+              f"{step['seconds_per_step_200_patches_extrapolated']} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "m2unet_inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {out / 'm2unet_inference.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
