@@ -55,8 +55,8 @@ def run_inference(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from chestct.multitask_engine import case_geometry
-    from chestct.patch_bags import RandomPatchBagd, lobe_volumes_ml, segment_volume_slices
+    from chestct.multitask_engine import case_geometry, lung_box, segment_lobes
+    from chestct.patch_bags import RandomPatchBagd, lobe_volumes_ml
     from chestct.transforms import BodyCropd, HUWindowd, LoadCTd
     from chestct.writers import save_nifti_like_input, uncrop
 
@@ -99,9 +99,11 @@ def run_inference(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     image = data["image"]
-    labels = segment_volume_slices(image.as_tensor(), net.segment, roi_size=args.patch_size,
-                                   sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                                   slice_batch_size=args.slice_batch_size)
+    box = lung_box(image.as_tensor(), data["body"]) if args.crop_lungs else tuple(slice(0, s) for s in image.shape[1:])
+    labels = segment_lobes(image.as_tensor(), net.segment, body=data["body"], roi_size=args.patch_size,
+                           sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+                           slice_batch_size=args.slice_batch_size, crop_to_lungs=args.crop_lungs,
+                           whole_slice=args.whole_slice, max_roi_size=args.max_roi_size)
     labels = labels * (torch.as_tensor(np.asarray(data["body"])).reshape(labels.shape) > 0).to(labels.dtype)
     lap("lobe_segmentation", t)
 
@@ -117,15 +119,20 @@ def run_inference(args: argparse.Namespace) -> dict:
     times["total"] = time.perf_counter() - t0
     cpu["total"] = time.process_time() - cpu_start
 
-    windows_per_slice = _windows(image.shape[1], args.patch_size, args.overlap) * _windows(
-        image.shape[2], args.patch_size, args.overlap)
+    seg_shape = [b.stop - b.start for b in box]
+    roi = args.patch_size
+    if args.whole_slice:
+        roi = max(roi, min(-(-max(seg_shape[0], seg_shape[1]) // 16) * 16, args.max_roi_size))
+    windows_per_slice = _windows(seg_shape[0], roi, args.overlap) * _windows(seg_shape[1], roi, args.overlap)
     return {
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "input_shape": geometry["input_shape"],
         "crop_shape": geometry["crop_shape"],
-        "windows": int(windows_per_slice * image.shape[3]),
+        "segmented_box_shape": [int(v) for v in seg_shape],
+        "window_size": int(roi),
+        "windows": int(windows_per_slice * seg_shape[2]),
         "probability_severe": probability,
         "lobe_volumes_ml": {k: round(v, 1) for k, v in volumes.items()},
     }
@@ -192,6 +199,11 @@ def main() -> int:
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
     parser.add_argument("--sw-batch-size", type=int, default=16, help="windows per network call")
     parser.add_argument("--slice-batch-size", type=int, default=16, help="axial slices per sliding-window call")
+    parser.add_argument("--crop-lungs", action="store_true",
+                        help="segment only the box of the aerated lungs (chestct.multitask_engine.lung_box)")
+    parser.add_argument("--whole-slice", action="store_true",
+                        help="one window per (cropped) slice, padded to a multiple of 16, not patch-size windows")
+    parser.add_argument("--max-roi-size", type=int, default=512, help="largest whole-slice window side")
     parser.add_argument("--train-step", action="store_true", help="also time one training step on one bag")
     parser.add_argument("--train-patches", type=int, default=200,
                         help="patches of the training bag (200 needs about 17 GB of memory at 128 px, full width)")
@@ -220,7 +232,8 @@ def main() -> int:
 
     inference = result["inference"]
     print(f"M2UNet inference on {args.scan.name}: input {inference['input_shape']}, body crop "
-          f"{inference['crop_shape']}, {inference['windows']} windows, features {args.features}/"
+          f"{inference['crop_shape']}, segmented box {inference['segmented_box_shape']}, {inference['windows']} "
+          f"windows of {inference['window_size']} px, features {args.features}/"
           f"{args.decoder_features or args.features}, {args.threads} threads")
     print(f"{'stage':<20}{'wall s':>10}{'CPU s':>10}")
     for stage, seconds in inference["seconds"].items():

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from chestct.constants import LOBE_NAMES, NUM_LOBE_CLASSES, SEVERITY_LABELS
+from chestct.engines import latest_checkpoint
 from chestct.errors import ChestCTInputError
 from chestct.patch_bags import lobe_volumes_ml, segment_volume_slices
 from chestct.severity_metrics import binary_metrics, lobe_overlap, mean_lobe_metrics, save_roc_png
@@ -57,6 +57,9 @@ __all__ = [
     "latest_checkpoint",
     "load_cases",
     "loss_terms",
+    "lung_box",
+    "lung_candidates",
+    "segment_lobes",
     "patch_dice_onehot",
     "require_weights",
     "severity_pred_onehot",
@@ -66,7 +69,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOSS_TERM_KEYS = ("loss", "classification", "segmentation", "seg_ce", "seg_dice", "regularization")
-CHECKPOINT_PATTERN = re.compile(r"checkpoint_(?:epoch|iteration)=(\d+)\.pt$")
 SPLITS = ("training", "validation", "test", "all")
 INTENDED_USE = "research only, not for clinical use"
 # Okabe-Ito colours of lobes 1..5 (RUL, RML, RLL, LUL, LLL) in overlays.
@@ -273,6 +275,15 @@ class M2UNetEvalStep:
         chunk_size: patches per encoder call in classification (bounds the memory; 0: all at once).
         seed: base seed of the bag draws.
         keep_image: return the windowed volume (for overlays).
+        crop_to_lungs: segment only the box of the aerated lungs (:func:`lung_box`: body voxels darker than
+            ``lung_threshold`` on the windowed image, union over slices, plus ``lung_margin`` pixels, and the slices
+            holding them); everything outside is background. Inference cost falls with the box's area.
+        whole_slice: one window per slice covering the whole (cropped) slice, padded to a multiple of 16, instead of
+            ``roi_size`` windows (the network is fully convolutional); bounded by ``max_roi_size`` pixels per side.
+        lung_threshold: windowed intensity below which a body voxel counts as air / lung (0.6 = -480 HU with the
+            default [-1200, 0] HU window).
+        lung_margin: margin of the lung box in pixels.
+        max_roi_size: largest whole-slice window side (bounds the memory).
     """
 
     PASS_THROUGH = ("case_id", "error")
@@ -290,6 +301,11 @@ class M2UNetEvalStep:
         chunk_size: int = 50,
         seed: int = 0,
         keep_image: bool = False,
+        crop_to_lungs: bool = False,
+        whole_slice: bool = False,
+        lung_threshold: float = 0.6,
+        lung_margin: int = 8,
+        max_roi_size: int = 512,
     ) -> None:
         for name, value in (("num_draws", num_draws), ("roi_size", roi_size), ("sw_batch_size", sw_batch_size),
                             ("slice_batch_size", slice_batch_size)):
@@ -304,6 +320,9 @@ class M2UNetEvalStep:
         self.roi_size, self.sw_batch_size, self.overlap = roi_size, sw_batch_size, float(overlap)
         self.slice_batch_size, self.chunk_size, self.seed = slice_batch_size, chunk_size, int(seed)
         self.keep_image = bool(keep_image)
+        self.crop_to_lungs, self.whole_slice = bool(crop_to_lungs), bool(whole_slice)
+        self.lung_threshold, self.lung_margin = float(lung_threshold), int(lung_margin)
+        self.max_roi_size = int(max_roi_size)
 
     def _draw_bags(self, data: Mapping[str, Any], case_id: str) -> list[dict[str, Any]]:
         if self.bagger is None:
@@ -356,9 +375,11 @@ class M2UNetEvalStep:
                 output["patch_seg_label"] = torch.as_tensor(bags[0]["lobes"]).long().cpu()
             if self.segment_volume and net.has_segmentation:
                 volume = image.as_tensor() if isinstance(image, MetaTensor) else image
-                labels = segment_volume_slices(
-                    volume.float(), net.segment, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
+                labels = segment_lobes(
+                    volume.float(), net.segment, body=body, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
                     overlap=self.overlap, slice_batch_size=self.slice_batch_size, device=device,
+                    crop_to_lungs=self.crop_to_lungs, whole_slice=self.whole_slice,
+                    lung_threshold=self.lung_threshold, lung_margin=self.lung_margin, max_roi_size=self.max_roi_size,
                 )
                 if body is not None:
                     labels = labels * (torch.as_tensor(np.asarray(body)).reshape(labels.shape) > 0).to(labels.dtype)
@@ -369,6 +390,132 @@ class M2UNetEvalStep:
         if self.keep_image:
             output["image"] = torch.as_tensor(np.asarray(image[0]), dtype=torch.float32)
         return output
+
+
+def lung_candidates(
+    image: torch.Tensor | np.ndarray,
+    body: torch.Tensor | np.ndarray | None,
+    threshold: float = 0.6,
+    min_component_fraction: float = 0.05,
+) -> np.ndarray | None:
+    """Rough aerated-lung mask (X, Y, Z) of a windowed volume (1, X, Y, Z) or (X, Y, Z); ``None`` without a body.
+
+    Body voxels (the body mask filled slice by slice) darker than ``threshold`` (0.6 = -480 HU with the default
+    [-1200, 0] HU window), keeping the 3D connected components of at least ``min_component_fraction`` of the largest
+    one (the lungs and the airways; bowel gas and noise are dropped). Used only to bound where lobes are segmented.
+    """
+    if body is None:
+        return None
+    from scipy import ndimage
+
+    array = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+    array = array.reshape(array.shape[-3:])
+    mask = np.asarray(body.cpu() if isinstance(body, torch.Tensor) else body).reshape(array.shape) > 0
+    filled = np.stack([ndimage.binary_fill_holes(mask[:, :, z]) for z in range(mask.shape[2])], axis=2)
+    candidates = filled & (array < threshold)
+    components, count = ndimage.label(candidates)
+    if count == 0:
+        return candidates
+    sizes = np.bincount(components.reshape(-1))[1:]
+    keep = np.flatnonzero(sizes >= min_component_fraction * sizes.max()) + 1
+    return np.isin(components, keep)
+
+
+def lung_box(
+    image: torch.Tensor | np.ndarray,
+    body: torch.Tensor | np.ndarray | None = None,
+    threshold: float = 0.6,
+    margin: int = 8,
+) -> tuple[slice, slice, slice]:
+    """Box (x, y, z slices) of :func:`lung_candidates`, widened by ``margin`` pixels in-plane and 2 slices in z (the
+    whole volume without a body mask or without candidates). Dense lesions lie within the box of the surrounding
+    aerated lung."""
+    shape = tuple(int(s) for s in np.asarray(image.shape)[-3:])
+    full = tuple(slice(0, s) for s in shape)
+    lungs = lung_candidates(image, body, threshold)
+    if lungs is None or not lungs.any():
+        return full  # type: ignore[return-value]
+    lo, hi = np.argwhere(lungs).min(axis=0), np.argwhere(lungs).max(axis=0) + 1
+    pads = (margin, margin, 2)
+    box = tuple(slice(max(0, int(a) - m), min(s, int(b) + m)) for a, b, m, s in zip(lo, hi, pads, shape))
+    return box  # type: ignore[return-value]
+
+
+def _ceil_to(value: int, divisor: int) -> int:
+    return int(math.ceil(value / divisor) * divisor)
+
+
+def segment_lobes(
+    volume: torch.Tensor,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    body: Any = None,
+    roi_size: int = 128,
+    sw_batch_size: int = 16,
+    overlap: float = 0.25,
+    slice_batch_size: int = 16,
+    device: Any = None,
+    crop_to_lungs: bool = False,
+    whole_slice: bool = False,
+    lung_threshold: float = 0.6,
+    lung_margin: int = 8,
+    max_roi_size: int = 512,
+    size_divisor: int = 16,
+    pad_value: float = 0.0,
+) -> torch.Tensor:
+    """Full-volume lobe labels (X, Y, Z) uint8; outside the segmented region the labels are background.
+
+    - default: every axial slice by :func:`chestct.patch_bags.segment_volume_slices` (sliding window of
+      ``roi_size``);
+    - ``crop_to_lungs``: only the box of :func:`lung_candidates` (plus ``lung_margin`` pixels); with ``whole_slice``
+      the box is taken per slice (the lungs of slices z - 2 .. z + 2), so that apical and basal slices cost less;
+    - ``whole_slice``: one window per slice covering the (cropped) slice, padded with ``pad_value`` to multiples of
+      ``size_divisor`` (the network is fully convolutional), sides at most ``max_roi_size`` (larger slices fall back
+      to the sliding window); one slice per ``predictor`` call (the boxes differ per slice).
+    """
+    data = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+    data = data.float()
+    shape = tuple(int(s) for s in data.shape[1:])
+    labels = torch.zeros(shape, dtype=torch.uint8)
+    lungs = lung_candidates(data, body, lung_threshold) if crop_to_lungs else None
+    if lungs is not None and not lungs.any():
+        lungs = None
+    if not whole_slice:
+        box = lung_box(data, body, lung_threshold, lung_margin) if lungs is not None else tuple(
+            slice(0, s) for s in shape)
+        sub = data[(slice(None),) + tuple(box)].contiguous()
+        labels[tuple(box)] = segment_volume_slices(sub, predictor, roi_size=roi_size, sw_batch_size=sw_batch_size,
+                                                   overlap=overlap, slice_batch_size=slice_batch_size, device=device)
+        return labels
+    # whole-slice windows: one (cropped, padded) slice per window
+    device = torch.device(device) if device is not None else data.device
+    boxes: list[tuple[int, int, int, int, int]] = []  # z, x0, x1, y0, y1
+    sx, sy, sz = shape
+    for z in range(sz):
+        if lungs is None:
+            boxes.append((z, 0, sx, 0, sy))
+            continue
+        near = lungs[:, :, max(0, z - 2) : z + 3]
+        if not near.any():
+            continue
+        xs, ys = np.flatnonzero(near.any(axis=(1, 2))), np.flatnonzero(near.any(axis=(0, 2)))
+        boxes.append((z, max(0, int(xs[0]) - lung_margin), min(sx, int(xs[-1]) + 1 + lung_margin),
+                      max(0, int(ys[0]) - lung_margin), min(sy, int(ys[-1]) + 1 + lung_margin)))
+    with torch.no_grad():
+        for z, x0, x1, y0, y1 in boxes:
+            h, w = x1 - x0, y1 - y0
+            ph, pw = max(_ceil_to(h, size_divisor), roi_size), max(_ceil_to(w, size_divisor), roi_size)
+            window = data[0, x0:x1, y0:y1, z]
+            if max(ph, pw) > max_roi_size:
+                sub = window[None, :, :, None].contiguous()
+                labels[x0:x1, y0:y1, z] = segment_volume_slices(
+                    sub, predictor, roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap,
+                    slice_batch_size=1, device=device)[:, :, 0]
+                continue
+            a, b = (ph - h) // 2, (pw - w) // 2
+            padded = torch.nn.functional.pad(window, (b, pw - w - b, a, ph - h - a), value=pad_value)
+            scores = predictor(padded[None, None].to(device))
+            labels[x0:x1, y0:y1, z] = scores[0, :, a : a + h, b : b + w].argmax(dim=0).to(torch.uint8).cpu()
+    return labels
 
 
 def _meta(image: Any) -> Mapping[str, Any]:
@@ -706,15 +853,6 @@ class SeverityWriter:
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The ``checkpoint_epoch=N.pt`` file with the largest ``N`` in ``ckpt_dir`` (MONAI ``CheckpointSaver``), if any."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.search(p.name))]
-    return max(found)[1] if found else None
-
-
 class ResumeTraining:
     """Resume from the latest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` when ``enabled`` and one exists.
 
