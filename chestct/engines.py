@@ -28,6 +28,7 @@ from monai.metrics import compute_roc_auc
 from torch import nn
 
 from chestct.bags import BAG_MASK_KEY, GEOMETRY_KEY, PATCH_BOXES_KEY, SLICE_INDICES_KEY
+from chestct.severity_metrics import roc_curve  # one ROC for both bundles
 from chestct.writers import save_nifti_like_input, uncrop, write_json
 
 if TYPE_CHECKING:
@@ -256,19 +257,6 @@ def classification_metrics(probabilities: Sequence[float], labels: Sequence[int]
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "threshold": threshold,
     }
-
-
-def roc_curve(probabilities: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates of every threshold (from (0, 0) to (1, 1))."""
-    p = np.asarray(probabilities, dtype=float)
-    y = np.asarray(labels, dtype=int)
-    order = np.argsort(-p, kind="mergesort")
-    p, y = p[order], y[order]
-    distinct = np.r_[np.flatnonzero(np.diff(p)), y.size - 1]
-    tps = np.cumsum(y)[distinct]
-    fps = (distinct + 1) - tps
-    pos, neg = max(int(y.sum()), 1), max(int(y.size - y.sum()), 1)
-    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
 
 
 def _as_list(value: Any, size: int) -> list:
