@@ -29,7 +29,7 @@ from torch import nn
 
 from chestct.bags import BAG_MASK_KEY, GEOMETRY_KEY, PATCH_BOXES_KEY, SLICE_INDICES_KEY
 from chestct.severity_metrics import roc_curve  # one ROC for both bundles
-from chestct.writers import save_nifti_like_input, uncrop, write_json
+from chestct.writers import save_nifti_like_input, uncrop, write_cohort_csv, write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -548,14 +548,7 @@ class AttentionWriter:
     def _write_csv(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fields = ["case_id", "source", "status", "probability", "label", "label_name", "top_slice", "reason"]
-        with open(self.output_dir / "predictions.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: row.get(k, "") for k in fields})
-        failed = sum(r["status"] != "ok" for r in self.rows)
-        logger.info("inference: %d scans, %d failed; cohort CSV %s", len(self.rows), failed,
-                    self.output_dir / "predictions.csv")
+        write_cohort_csv(self.rows, fields, self.output_dir / "predictions.csv")
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:

@@ -42,7 +42,7 @@ from chestct.engines import latest_checkpoint
 from chestct.errors import ChestCTInputError
 from chestct.patch_bags import lobe_volumes_ml, segment_volume_slices
 from chestct.severity_metrics import binary_metrics, lobe_overlap, mean_lobe_metrics, save_roc_png
-from chestct.writers import save_nifti_like_input, uncrop, write_json
+from chestct.writers import save_nifti_like_input, uncrop, write_cohort_csv, write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -842,14 +842,7 @@ class SeverityWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fields = (["case_id", "source", "status", "probability_severe", "label", "label_name"]
                   + [f"{n}_ml" for n in LOBE_NAMES.values()] + ["reason"])
-        with open(self.output_dir / "predictions.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: row.get(k, "") for k in fields})
-        failed = sum(r["status"] != "ok" for r in self.rows)
-        logger.info("inference: %d scans, %d failed; cohort CSV %s", len(self.rows), failed,
-                    self.output_dir / "predictions.csv")
+        write_cohort_csv(self.rows, fields, self.output_dir / "predictions.csv")
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np  # noqa: E402
 from chestct.constants import HU_WINDOW_MAX, HU_WINDOW_MIN, LUNG_LEFT, LUNG_RIGHT  # noqa: E402
 from chestct.io import reorient_to_original  # noqa: E402
 
-__all__ = ["save_nifti_like_input", "save_qc_montage", "uncrop", "write_json"]
+__all__ = ["save_nifti_like_input", "save_qc_montage", "uncrop", "write_cohort_csv", "write_json"]
 
 # Colour-blind-safe outline colours (Okabe-Ito): right lung orange, left lung sky blue, body box yellow.
 RIGHT_COLOUR, LEFT_COLOUR, BOX_COLOUR = "#E69F00", "#56B4E9", "#F0E442"
@@ -29,6 +31,26 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_to_builtin) + "\n")
+    return path
+
+
+def write_cohort_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], path: str | os.PathLike) -> Path:
+    """One CSV row per scan with the given columns (missing values empty, extra keys ignored); logs the failures.
+
+    Args:
+        rows: per-scan records, each with a ``status`` (``"ok"`` or a failure) when failures are to be counted.
+        fields: the columns, in order.
+        path: output CSV path (parent folders created).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})
+    failed = sum(row.get("status") != "ok" for row in rows)
+    logging.getLogger(__name__).info("inference: %d scans, %d failed; cohort CSV %s", len(rows), failed, path)
     return path
 
 
