@@ -47,6 +47,22 @@ def phantom_scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _assert_starts_from(checkpoint: Path, overrides: list[str]) -> None:
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    settings = dict(zip((k.lstrip("-") for k in overrides[::2]), overrides[1::2]))
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.yaml"), workflow_type=None, logging_file=False,
+                              init_ckpt=str(checkpoint), **settings)
+    workflow.initialize()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = saved.get("model", saved)
+    loaded = workflow.parser.get_parsed_content("network_def").state_dict()
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key].cpu(), value, msg=key)
+
+
 @pytest.mark.slow
 def test_train_export_evaluate_infer(tmp_path: Path, phantom_scans: Path) -> None:
     data = tmp_path / "data"
@@ -60,6 +76,8 @@ def test_train_export_evaluate_infer(tmp_path: Path, phantom_scans: Path) -> Non
             cwd=tmp_path)
     assert (models / "model.pt").is_file() and (models / "model_final.pt").is_file()
     assert list(out.glob("events.out.tfevents*"))
+    # fine-tuning starts from the given checkpoint's weights
+    _assert_starts_from(models / "model.pt", common)
     # export TorchScript and load it through the chestct model method
     _bundle("ckpt_export", "network_def", "--filepath", str(models / "model.ts"), "--ckpt_file",
             str(models / "model.pt"), "--key_in_ckpt", "model", "--meta_file", str(CONFIGS / "metadata.json"),
