@@ -199,9 +199,10 @@ def main() -> int:
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
     parser.add_argument("--sw-batch-size", type=int, default=16, help="windows per network call")
     parser.add_argument("--slice-batch-size", type=int, default=16, help="axial slices per sliding-window call")
-    parser.add_argument("--crop-lungs", action="store_true",
+    # defaults follow the bundle's inference.yaml (lobe_crop_to_lungs: true); --no-... measures the plain tiling
+    parser.add_argument("--crop-lungs", action=argparse.BooleanOptionalAction, default=True,
                         help="segment only the box of the aerated lungs (chestct.multitask_engine.lung_box)")
-    parser.add_argument("--whole-slice", action="store_true",
+    parser.add_argument("--whole-slice", action=argparse.BooleanOptionalAction, default=True,
                         help="one window per (cropped) slice, padded to a multiple of 16, not patch-size windows")
     parser.add_argument("--max-roi-size", type=int, default=512, help="largest whole-slice window side")
     parser.add_argument("--train-step", action="store_true", help="also time one training step on one bag")

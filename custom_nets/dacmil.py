@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import nn
 
@@ -78,6 +79,16 @@ class _GlobalAveragePool(nn.Module):
         return x.mean(dim=(2, 3)), uniform
 
 
+def _replace_batch_norm(module: nn.Module, norm: str | tuple) -> None:
+    """Swap every 2D batch-norm layer under ``module`` for ``norm`` (MONAI ``get_norm_layer``), in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            replacement = get_norm_layer(name=norm, spatial_dims=2, channels=child.num_features)
+            setattr(module, name, replacement)
+        else:
+            _replace_batch_norm(child, norm)
+
+
 class DACMIL(nn.Module):
     """Dual attention MIL network for bag-level classification of CT scans (slices or patches as instances).
 
@@ -122,6 +133,9 @@ class DACMIL(nn.Module):
         conv1_stride: stride of the backbone's first convolution (2 as in the standard ResNet).
         instance_chunk_size: run at most this many instances through the backbone at once; ``None`` for all at once.
         pretrained_path: optional checkpoint with backbone weights, see :meth:`load_backbone_weights`.
+        norm: the backbone's feature normalisation, as MONAI's ``get_norm_layer`` takes it: ``"batch"`` (the
+            paper's ResNet) or e.g. ``("group", {"num_groups": 32})``, which normalises each slice on its own, so a
+            slice's features do not depend on the other bags of the mini-batch (small batches of bags).
 
     Raises:
         ValueError: for an unknown backbone or pooling, or a size that is not a positive integer.
@@ -147,6 +161,7 @@ class DACMIL(nn.Module):
         conv1_stride: int = 2,
         instance_chunk_size: int | None = None,
         pretrained_path: str | Path | None = None,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         if backbone not in DACMIL_BACKBONES:
@@ -181,7 +196,11 @@ class DACMIL(nn.Module):
             conv1_t_size=7,
             conv1_t_stride=conv1_stride,
             feed_forward=False,
+            norm=norm,
         )
+        if norm != "batch":
+            # MONAI 1.6's ResNet applies `norm` to its stem only; its residual layers are built with batch norm.
+            _replace_batch_norm(resnet, norm)
         feature_dim = _BLOCK_INPLANES[-1] * block.expansion
         self.backbone_name = backbone
         self.pooling = pooling

@@ -285,3 +285,38 @@ def test_pipeline_on_phantoms_and_collate():
     )
     batch = next(iter(loader))
     assert batch["image"].shape == (3, n, 1, p, p) and batch["draw"].tolist() == [0, 1, 2]
+
+
+def test_every_lobe_survives_bags_stitching_and_scoring():
+    """Regression check for the left lower lobe (label 5, the last class): on a phantom at the learning check's size,
+    it reaches the bag's lobe crops, the loss's one-hot target, the slice-wise stitching and the per-lobe Dice like
+    the other four lobes (a Dice of 0 for it in training runs is a learning matter, not a pipeline one)."""
+    from chestct.constants import LOBE_LEFT_LOWER, LOBE_NAMES, NUM_LOBE_CLASSES
+    from chestct.phantoms import make_phantom
+    from chestct.severity_metrics import lobe_overlap
+    from custom_nets.losses.multitask import M2UNetLoss
+
+    ph = make_phantom(1, task="severity", shape=(48, 48, 24), seed=3)
+    lobes = torch.from_numpy(ph.lobes.astype(np.int64))[None]
+    assert set(np.unique(ph.lobes).tolist()) == {0, *LOBE_NAMES}
+    # an image that encodes each voxel's lobe, so that threshold_predictor is an exact segmenter
+    image = (lobes.float() + 0.5) / NUM_LOBE_CLASSES
+    bag = RandomPatchBagd(keys=("image", "lobes"), num_patches=12, patch_size=48, body_key=None)
+    bag.set_random_state(seed=0)
+    out = bag({"image": image, "lobes": lobes})
+    assert bool((out["lobes"] == LOBE_LEFT_LOWER).any())
+    assert torch.equal(threshold_predictor(out["image"]).argmax(dim=1), out["lobes"])
+    # the loss sees class 5: near-perfect logits give a near-zero cross-entropy (the soft Dice of a class absent
+    # from a slice stays near 1 by construction), uniform logits a gradient on class 5
+    perfect = threshold_predictor(out["image"])[None] * 20.0
+    loss = M2UNetLoss(lam=0.0)
+    assert float(loss.terms(None, None, perfect, out["lobes"][None])["seg_ce"]) < 1e-3
+    uniform = torch.zeros_like(perfect, requires_grad=True)
+    loss(None, None, uniform, out["lobes"][None]).backward()
+    target5 = out["lobes"][None] == LOBE_LEFT_LOWER
+    assert float(uniform.grad[:, :, LOBE_LEFT_LOWER][target5].max()) < 0.0  # pushed up where the lobe is
+    # full-slice stitching and scoring
+    labels = segment_volume_slices(image, threshold_predictor, roi_size=48, sw_batch_size=4, slice_batch_size=8)
+    assert torch.equal(labels.long(), lobes[0])
+    overlap = lobe_overlap(labels.numpy(), lobes[0].numpy())
+    assert all(overlap[f"{name}_dsc"] == pytest.approx(1.0) for name in LOBE_NAMES.values())

@@ -248,3 +248,19 @@ def test_ill_inputs():
         net(torch.randn(1, 2, 1, SIZE, SIZE), torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="at least one real instance"):
         net(torch.randn(2, 2, 1, SIZE, SIZE), torch.tensor([[True, False], [False, False]]))
+
+
+def test_group_norm_decouples_bags_in_training():
+    """With group norm a bag's training-mode output does not depend on the other bags of the batch (batch norm's
+    does), and no batch-norm layer is left in the backbone."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 1, 64, 64)
+    outputs = {}
+    for norm in ("batch", ("group", {"num_groups": 32})):
+        net = DACMIL(backbone="resnet10", pooling="dual", norm=norm).train()
+        alone = net(x[:1])
+        together = net(torch.cat([x[:1], x[1:] * 3.0]))[:1]
+        outputs[str(norm)] = bool(torch.allclose(alone, together, atol=1e-5))
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.backbone.modules())
+        assert has_bn == (norm == "batch")
+    assert outputs == {"batch": False, str(("group", {"num_groups": 32})): True}
