@@ -29,7 +29,7 @@ from torch import nn
 
 from chestct.bags import BAG_MASK_KEY, GEOMETRY_KEY, PATCH_BOXES_KEY, SLICE_INDICES_KEY
 from chestct.severity_metrics import roc_curve  # one ROC for both bundles
-from chestct.writers import save_nifti_like_input, uncrop, write_cohort_csv, write_json
+from chestct.writers import CohortWriter, save_nifti_like_input, uncrop, write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -382,7 +382,7 @@ def _normalise(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else values
 
 
-class AttentionWriter:
+class AttentionWriter(CohortWriter):
     """Inference handler: per scan a JSON report, PNG overlays of the top slices and an attention volume (NIfTI on
     the input scan's grid), and a cohort CSV with every scan, including the ones that failed and why.
 
@@ -406,6 +406,8 @@ class AttentionWriter:
         write_volume: write the attention NIfTI.
     """
 
+    csv_fields = ("case_id", "source", "status", "probability", "label", "label_name", "top_slice", "reason")
+
     def __init__(
         self,
         output_dir: str | os.PathLike,
@@ -416,21 +418,11 @@ class AttentionWriter:
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-        self.output_dir = Path(output_dir)
-        self.threshold = float(threshold)
-        self.class_names = list(class_names)
+        super().__init__(output_dir, threshold, class_names)
         self.top_k = top_k
         self.write_volume = write_volume
-        self.rows: list[dict[str, Any]] = []
 
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_batch)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write_csv)
-
-    def _write_batch(self, engine: Engine) -> None:
+    def _on_iteration(self, engine: Engine) -> None:
         out = engine.state.output
         cases = out.get("case_id") or [None]
         size = len(cases)
@@ -438,17 +430,8 @@ class AttentionWriter:
         sources = _as_list(out.get("source"), size)
         for b in range(size):
             case = cases[b] or f"scan_{len(self.rows):04d}"
-            if out.get("pred") is None or errors[b]:
-                self.rows.append({"case_id": case, "source": sources[b], "status": "failed",
-                                  "reason": errors[b] or "no prediction"})
-                logger.warning("scan %s failed: %s", case, errors[b])
-                continue
-            try:
-                self.rows.append(self._write_case(out, b, case, sources[b]))
-            except Exception as error:  # noqa: BLE001 - a writer failure for one scan must not stop the cohort
-                logger.exception("writing the outputs of %s failed", case)
-                self.rows.append({"case_id": case, "source": sources[b], "status": "failed",
-                                  "reason": f"writing outputs failed: {type(error).__name__}: {error}"})
+            error = errors[b] or (None if out.get("pred") is not None else "no prediction")
+            self._record(case, sources[b], error, lambda b=b, case=case: self._write_case(out, b, case, sources[b]))
 
     def _write_case(self, out: Mapping[str, Any], b: int, case: str, source: Any) -> dict[str, Any]:
         folder = self.output_dir / str(case)
@@ -544,12 +527,6 @@ class AttentionWriter:
         figure.tight_layout()
         figure.savefig(path, dpi=80)
         plt.close(figure)
-
-    def _write_csv(self, engine: Engine) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fields = ["case_id", "source", "status", "probability", "label", "label_name", "top_slice", "reason"]
-        write_cohort_csv(self.rows, fields, self.output_dir / "predictions.csv")
-
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The ``checkpoint_epoch=N.pt`` (or ``_iteration=``) file with the largest ``N`` in ``ckpt_dir``, if any."""

@@ -42,7 +42,7 @@ from chestct.engines import latest_checkpoint
 from chestct.errors import ChestCTInputError
 from chestct.patch_bags import lobe_volumes_ml, segment_volume_slices
 from chestct.severity_metrics import binary_metrics, lobe_overlap, mean_lobe_metrics, save_roc_png
-from chestct.writers import save_nifti_like_input, uncrop, write_cohort_csv, write_json
+from chestct.writers import CohortWriter, save_nifti_like_input, uncrop, write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -709,7 +709,7 @@ def _fmt(value: float | None) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-class SeverityWriter:
+class SeverityWriter(CohortWriter):
     """Inference handler: per scan the severity, the lobe label volume on the input grid, lobe volumes and a PNG.
 
     Per scan ``output_dir/<case_id>/``:
@@ -731,6 +731,9 @@ class SeverityWriter:
         write_volume: write ``lobes.nii.gz``.
     """
 
+    csv_fields = (("case_id", "source", "status", "probability_severe", "label", "label_name")
+                  + tuple(f"{n}_ml" for n in LOBE_NAMES.values()) + ("reason",))
+
     def __init__(
         self,
         output_dir: str | os.PathLike,
@@ -741,36 +744,16 @@ class SeverityWriter:
     ) -> None:
         if isinstance(num_overlay_slices, bool) or not isinstance(num_overlay_slices, int) or num_overlay_slices < 1:
             raise ValueError(f"num_overlay_slices must be a positive integer, got {num_overlay_slices!r}.")
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
-        self.output_dir = Path(output_dir)
-        self.threshold = float(threshold)
-        self.class_names = list(class_names)
+        super().__init__(output_dir, threshold, class_names)
         self.num_overlay_slices = num_overlay_slices
         self.write_volume = bool(write_volume)
-        self.rows: list[dict[str, Any]] = []
 
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_scan)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write_csv)
-
-    def _write_scan(self, engine: Engine) -> None:
+    def _on_iteration(self, engine: Engine) -> None:
         out = engine.state.output
         case = str(out.get("case_id") or f"scan_{len(self.rows):04d}")
-        if out.get("error") or (out.get("pred") is None and out.get("lobes_pred") is None):
-            reason = out.get("error") or "no prediction"
-            logger.warning("scan %s failed: %s", case, reason)
-            self.rows.append({"case_id": case, "source": out.get("source"), "status": "failed", "reason": reason})
-            return
-        try:
-            self.rows.append(self._write_case(out, case))
-        except Exception as error:  # noqa: BLE001 - one scan's writer failure must not stop the cohort
-            logger.exception("writing the outputs of %s failed", case)
-            self.rows.append({"case_id": case, "source": out.get("source"), "status": "failed",
-                              "reason": f"writing outputs failed: {type(error).__name__}: {error}"})
+        no_output = out.get("pred") is None and out.get("lobes_pred") is None
+        error = out.get("error") or ("no prediction" if no_output else None)
+        self._record(case, out.get("source"), error, lambda: self._write_case(out, case))
 
     def _write_case(self, out: Mapping[str, Any], case: str) -> dict[str, Any]:
         folder = self.output_dir / case
@@ -837,12 +820,6 @@ class SeverityWriter:
         figure.tight_layout()
         figure.savefig(path, dpi=80)
         plt.close(figure)
-
-    def _write_csv(self, engine: Engine) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fields = (["case_id", "source", "status", "probability_severe", "label", "label_name"]
-                  + [f"{n}_ml" for n in LOBE_NAMES.values()] + ["reason"])
-        write_cohort_csv(self.rows, fields, self.output_dir / "predictions.csv")
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

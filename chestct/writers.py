@@ -6,9 +6,9 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -20,7 +20,10 @@ import numpy as np  # noqa: E402
 from chestct.constants import HU_WINDOW_MAX, HU_WINDOW_MIN, LUNG_LEFT, LUNG_RIGHT  # noqa: E402
 from chestct.io import reorient_to_original  # noqa: E402
 
-__all__ = ["save_nifti_like_input", "save_qc_montage", "uncrop", "write_cohort_csv", "write_json"]
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["CohortWriter", "save_nifti_like_input", "save_qc_montage", "uncrop", "write_cohort_csv", "write_json"]
 
 # Colour-blind-safe outline colours (Okabe-Ito): right lung orange, left lung sky blue, body box yellow.
 RIGHT_COLOUR, LEFT_COLOUR, BOX_COLOUR = "#E69F00", "#56B4E9", "#F0E442"
@@ -52,6 +55,56 @@ def write_cohort_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], p
     failed = sum(row.get("status") != "ok" for row in rows)
     logging.getLogger(__name__).info("inference: %d scans, %d failed; cohort CSV %s", len(rows), failed, path)
     return path
+
+
+class CohortWriter:
+    """Base of the bundles' inference handlers: outputs per scan and ``output_dir/predictions.csv`` for the cohort.
+
+    A subclass sets ``csv_fields`` and implements ``_on_iteration``, which hands each scan of the engine's output to
+    :meth:`_record`. A scan that failed upstream (its ``error``) or whose outputs cannot be written is listed with
+    ``status=failed`` and the reason; the others go on. The rows are reset at every run of the engine.
+
+    Args:
+        output_dir: output folder.
+        threshold: decision threshold on the class-1 probability, in [0, 1].
+        class_names: names of classes 0 and 1.
+    """
+
+    csv_fields: Sequence[str] = ("case_id", "source", "status", "reason")
+
+    def __init__(self, output_dir: str | os.PathLike, threshold: float, class_names: Sequence[str]) -> None:
+        if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
+        self.output_dir = Path(output_dir)
+        self.threshold = float(threshold)
+        self.class_names = list(class_names)
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write_csv)
+
+    def _on_iteration(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _record(self, case: str, source: Any, error: str | None, write: Callable[[], dict[str, Any]]) -> None:
+        """Append the row of one scan: ``write()`` (its outputs, returning the CSV row) unless ``error`` is set."""
+        if error:
+            logging.getLogger(__name__).warning("scan %s failed: %s", case, error)
+            self.rows.append({"case_id": case, "source": source, "status": "failed", "reason": error})
+            return
+        try:
+            self.rows.append(write())
+        except Exception as failure:  # noqa: BLE001 - one scan's writer failure must not stop the cohort
+            logging.getLogger(__name__).exception("writing the outputs of %s failed", case)
+            self.rows.append({"case_id": case, "source": source, "status": "failed",
+                              "reason": f"writing outputs failed: {type(failure).__name__}: {failure}"})
+
+    def _write_csv(self, engine: Engine) -> None:
+        write_cohort_csv(self.rows, self.csv_fields, self.output_dir / "predictions.csv")
 
 
 def _to_builtin(value: Any) -> Any:
