@@ -569,10 +569,13 @@ class ResumeFromCheckpoint:
         from monai.handlers import CheckpointLoader
 
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
-        epoch = int(CHECKPOINT_PATTERN.search(path.name).group(1))
-        engine.state.epoch = epoch
-        engine.state.iteration = epoch * (engine.state.epoch_length or 0)
-        logger.info("resumed from %s: continuing after epoch %d of %d", path, epoch, engine.state.max_epochs)
+        if not any(value is engine for value in self.load_dict.values()):
+            # the trainer state was not saved: continue after the epoch named in the file
+            epoch = int(CHECKPOINT_PATTERN.search(path.name).group(1))
+            engine.state.epoch = epoch
+            engine.state.iteration = epoch * (engine.state.epoch_length or 0)
+        logger.info("resumed from %s: continuing after epoch %d of %d", path, engine.state.epoch,
+                    engine.state.max_epochs)
 
 
 def require_checkpoint(path: str | os.PathLike) -> Path:

@@ -38,7 +38,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from chestct.constants import LOBE_NAMES, NUM_LOBE_CLASSES, SEVERITY_LABELS
-from chestct.engines import latest_checkpoint
+from chestct.engines import ResumeFromCheckpoint, latest_checkpoint, require_checkpoint
 from chestct.errors import ChestCTInputError
 from chestct.patch_bags import lobe_volumes_ml, segment_volume_slices
 from chestct.severity_metrics import binary_metrics, lobe_overlap, mean_lobe_metrics, save_roc_png
@@ -823,7 +823,7 @@ class SeverityWriter(CohortWriter):
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-class ResumeTraining:
+class ResumeTraining(ResumeFromCheckpoint):
     """Resume from the latest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` when ``enabled`` and one exists.
 
     A config cannot name the trainer inside the trainer's own handlers (a circular reference), so the engine this
@@ -842,31 +842,17 @@ class ResumeTraining:
                  map_location: Any = "cpu", trainer_key: str = "trainer") -> None:
         if not isinstance(load_dict, dict):
             raise TypeError(f"load_dict must be a dict, got {type(load_dict).__name__}.")
-        self.ckpt_dir, self.load_dict = ckpt_dir, load_dict
-        self.enabled, self.map_location, self.trainer_key = bool(enabled), map_location, trainer_key
+        super().__init__(ckpt_dir, load_dict, bool(enabled), map_location)
+        # the caller's dictionary itself, so that the CheckpointSaver given the same one saves the trainer too
+        self.load_dict, self.trainer_key = load_dict, trainer_key
 
     def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
         self.load_dict.setdefault(self.trainer_key, engine)
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        path = latest_checkpoint(self.ckpt_dir) if self.enabled else None
-        if path is None:
-            return
-        from monai.handlers import CheckpointLoader
-
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
-        logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
+        super().attach(engine)
 
 
 def require_weights(path: str | os.PathLike) -> str:
-    """``path`` when it is a file, else a clear error saying how to get weights."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"no trained M2UNet weights at {p}: train the bundle first (python -m monai.bundle run training "
-            "--config_file configs/train.yaml --dataset_dir DIR), or pass --ckpt_path PATH/model.pt."
-        )
-    return str(p)
+    """``path`` when it is a file, else a clear error saying how to get weights (see ``require_checkpoint``)."""
+    return str(require_checkpoint(path))
+
+
