@@ -13,7 +13,6 @@ built with ``decollate=False``: outputs stay batch dicts, which the handlers her
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -24,12 +23,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_roc_auc
 from torch import nn
 
 from chestct.bags import BAG_MASK_KEY, GEOMETRY_KEY, PATCH_BOXES_KEY, SLICE_INDICES_KEY
-from chestct.severity_metrics import roc_curve  # one ROC for both bundles
-from chestct.writers import CohortWriter, save_nifti_like_input, uncrop, write_json
+from chestct.severity_metrics import binary_metrics  # one set of binary metrics for both bundles
+from chestct.writers import (
+    PER_CASE_FIELDS,
+    CohortWriter,
+    EvaluationReport,
+    save_nifti_like_input,
+    save_roc_png,
+    uncrop,
+    write_csv,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -222,7 +229,7 @@ def bag_pred_onehot(output: Any, num_classes: int = 2) -> tuple[torch.Tensor, to
 
 
 def classification_metrics(probabilities: Sequence[float], labels: Sequence[int], threshold: float = 0.5) -> dict:
-    """The paper's Table 1 columns for a binary task (positive class 1) and the confusion matrix.
+    """The DA-CMIL paper's Table 1 columns for a binary task (positive class 1) and the confusion matrix.
 
     Args:
         probabilities: predicted probability of class 1 per case.
@@ -231,31 +238,19 @@ def classification_metrics(probabilities: Sequence[float], labels: Sequence[int]
 
     Returns:
         ``accuracy``, ``auc`` (NaN when one class is absent), ``f1``, ``specificity``, ``sensitivity``,
-        ``confusion_matrix`` (``[[TN, FP], [FN, TP]]``, rows = truth) and ``num_cases``.
+        ``confusion_matrix`` (``[[TN, FP], [FN, TP]]``, rows = truth), ``num_cases`` and ``threshold``.
     """
-    p = np.asarray(probabilities, dtype=float)
-    y = np.asarray(labels, dtype=int)
-    pred = (p >= threshold).astype(int)
-    tp = int(((pred == 1) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
-    fn = int(((pred == 0) & (y == 1)).sum())
-
-    def ratio(a: float, b: float) -> float:
-        return float(a / b) if b > 0 else float("nan")
-
-    auc = float("nan")
-    if 0 < y.sum() < y.size:
-        auc = float(compute_roc_auc(torch.as_tensor(p), torch.as_tensor(y)))
+    m = binary_metrics(probabilities, labels, threshold)
+    tn, fp, fn, tp = (int(m[k]) for k in ("tn", "fp", "fn", "tp"))
     return {
-        "num_cases": int(y.size),
-        "accuracy": ratio(tp + tn, y.size),
-        "auc": auc,
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "sensitivity": ratio(tp, tp + fn),
+        "num_cases": int(m["num_cases"]),
+        "accuracy": m["accuracy"],
+        "auc": m["auc"],
+        "f1": m["f1"],
+        "specificity": m["specificity"],
+        "sensitivity": m["recall"],
         "confusion_matrix": [[tn, fp], [fn, tp]],
-        "threshold": threshold,
+        "threshold": float(threshold),
     }
 
 
@@ -267,7 +262,7 @@ def _as_list(value: Any, size: int) -> list:
     return list(value)
 
 
-class ClassificationReport:
+class ClassificationReport(EvaluationReport):
     """Evaluation handler: collects per-case probabilities and writes the classification report.
 
     At the end of each evaluation run it writes under ``output_dir``: ``metrics.json`` (accuracy, AUC, F1,
@@ -289,24 +284,9 @@ class ClassificationReport:
         class_names: Sequence[str] = ("other_pneumonia", "covid19"),
         prefix: str = "test_",
     ) -> None:
-        self.output_dir = Path(output_dir)
-        self.threshold = float(threshold)
-        self.class_names = list(class_names)
-        self.prefix = prefix
-        self.rows: list[dict[str, Any]] = []
-        self.metrics: dict[str, Any] = {}
+        super().__init__(output_dir, threshold, class_names, prefix)
 
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows = []
-
-    def _collect(self, engine: Engine) -> None:
+    def _on_iteration(self, engine: Engine) -> None:
         out = engine.state.output
         if out.get("pred") is None:
             return
@@ -319,54 +299,30 @@ class ClassificationReport:
             self.rows.append({"case_id": case, "source": source,
                               "label": None if label is None else int(label), "probability": float(prob)})
 
-    def _write(self, engine: Engine) -> None:
+    def _on_run_end(self, engine: Engine) -> None:
         rows = [r for r in self.rows if r["label"] is not None]
         if not rows:
             logger.warning("ClassificationReport: no labelled case to evaluate.")
             return
         probs = [r["probability"] for r in rows]
         labels = [r["label"] for r in rows]
-        self.metrics = classification_metrics(probs, labels, self.threshold)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.metrics, self.output_dir / "metrics.json")
-        with open(self.output_dir / "per_case.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["case_id", "source", "label", "label_name", "probability", "prediction", "correct"])
-            for r in self.rows:
-                prediction = int(r["probability"] >= self.threshold)
-                writer.writerow([r["case_id"], r["source"], r["label"],
-                                 "" if r["label"] is None else self.class_names[r["label"]],
-                                 f"{r['probability']:.6f}", prediction,
-                                 "" if r["label"] is None else int(prediction == r["label"])])
-        self._plots(probs, labels)
-        for key, value in self.metrics.items():
-            if isinstance(value, float):
-                engine.state.metrics[self.prefix + key] = value
-        logger.info("evaluation on %d cases: %s", len(rows), {k: v for k, v in self.metrics.items()
-                                                                if isinstance(v, float)})
+        metrics = classification_metrics(probs, labels, self.threshold)
+        write_json(metrics, self.output_dir / "metrics.json")
+        per_case = [{"case_id": r["case_id"], "source": r["source"],
+                     **self.prediction_fields(r["probability"], r["label"])} for r in self.rows]
+        write_csv(per_case, PER_CASE_FIELDS, self.output_dir / "per_case.csv")
+        if 0 < sum(labels) < len(labels):
+            save_roc_png(probs, labels, self.output_dir / "roc.png",
+                         title=f"ROC, {len(labels)} cases (positive: {self.class_names[1]})")
+        self._confusion_png(metrics["confusion_matrix"])
+        self.publish(engine, metrics, len(rows))
 
-    def _plots(self, probs: list[float], labels: list[int]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
+    def _confusion_png(self, matrix: Sequence[Sequence[int]]) -> None:
         import matplotlib.pyplot as plt
 
-        fpr, tpr = roc_curve(probs, labels)
-        figure, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot(fpr, tpr, color="#0072B2", lw=2, label=f"AUC = {self.metrics['auc']:.3f}")
-        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-        ax.set_xlabel("1 - specificity (false positive rate)")
-        ax.set_ylabel("sensitivity (true positive rate)")
-        ax.set_title(f"ROC, {len(labels)} cases (positive: {self.class_names[1]})", fontsize=9)
-        ax.legend(loc="lower right")
-        figure.tight_layout()
-        figure.savefig(self.output_dir / "roc.png", dpi=100)
-        plt.close(figure)
-
-        matrix = np.asarray(self.metrics["confusion_matrix"])
         figure, ax = plt.subplots(figsize=(4, 3.6))
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), value in np.ndenumerate(matrix):
+        ax.imshow(np.asarray(matrix), cmap="Blues")
+        for (i, j), value in np.ndenumerate(np.asarray(matrix)):
             ax.text(j, i, str(value), ha="center", va="center", color="black", fontsize=12)
         ax.set_xticks([0, 1], self.class_names, fontsize=8)
         ax.set_yticks([0, 1], self.class_names, fontsize=8)

@@ -21,7 +21,6 @@ is :class:`custom_nets.losses.multitask.M2UNetLoss` (``terms(...)``). Nothing el
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -41,8 +40,17 @@ from chestct.constants import LOBE_NAMES, NUM_LOBE_CLASSES, SEVERITY_LABELS
 from chestct.engines import ResumeFromCheckpoint, latest_checkpoint, require_checkpoint
 from chestct.errors import ChestCTInputError
 from chestct.patch_bags import lobe_volumes_ml, segment_volume_slices
-from chestct.severity_metrics import binary_metrics, lobe_overlap, mean_lobe_metrics, save_roc_png
-from chestct.writers import CohortWriter, save_nifti_like_input, uncrop, write_json
+from chestct.severity_metrics import binary_metrics, lobe_overlap, mean_lobe_metrics
+from chestct.writers import (
+    PER_CASE_FIELDS,
+    CohortWriter,
+    EvaluationReport,
+    save_nifti_like_input,
+    save_roc_png,
+    uncrop,
+    write_csv,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -597,7 +605,7 @@ def _finite(value: float) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-class SeverityReport:
+class SeverityReport(EvaluationReport):
     """Evaluation handler: the paper's Table II (severity) and Table III (lobes) over the evaluated scans.
 
     At the end of the run it writes under ``output_dir``:
@@ -626,23 +634,9 @@ class SeverityReport:
         class_names: Sequence[str] = tuple(SEVERITY_LABELS.values()),
         prefix: str = "test_",
     ) -> None:
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
-        self.output_dir = Path(output_dir)
-        self.threshold = float(threshold)
-        self.class_names = list(class_names)
-        self.prefix = prefix
-        self.rows: list[dict[str, Any]] = []
-        self.metrics: dict[str, float] = {}
+        super().__init__(output_dir, threshold, class_names, prefix)
 
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _collect(self, engine: Engine) -> None:
+    def _on_iteration(self, engine: Engine) -> None:
         out = engine.state.output
         row: dict[str, Any] = {"case_id": out.get("case_id"), "source": out.get("source"),
                                "error": out.get("error") or ""}
@@ -655,7 +649,7 @@ class SeverityReport:
             row["lobes"] = lobe_overlap(np.asarray(out["lobes_pred"]), np.asarray(out["lobes_true"]))
         self.rows.append(row)
 
-    def _write(self, engine: Engine) -> None:
+    def _on_run_end(self, engine: Engine) -> None:
         scored = [r for r in self.rows if r["label"] is not None and r["probability"] is not None]
         metrics: dict[str, float] = {}
         if scored:
@@ -667,42 +661,30 @@ class SeverityReport:
         lobe_rows = [r["lobes"] for r in self.rows if "lobes" in r]
         metrics.update(mean_lobe_metrics(lobe_rows, prefix="lobe_"))
         metrics["num_failed"] = float(sum(bool(r["error"]) for r in self.rows))
-        self.metrics = metrics
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         # flat name -> float; undefined values (NaN, e.g. an AUC with one class) are left out
         write_json({k: v for k, v in metrics.items() if _finite(v)}, self.output_dir / "metrics.json")
-        self._write_csv()
+        write_csv([self._per_case_row(r) for r in self.rows], SEVERITY_PER_CASE_FIELDS,
+                  self.output_dir / "per_case.csv")
         if scored and 0 < sum(labels) < len(labels):
             save_roc_png(probs, labels, self.output_dir / "roc.png",
-                         title=f"ROC, {len(labels)} scans (positive: {self.class_names[1]})",
-                         positive_name=self.class_names[1])
-        for key, value in metrics.items():
-            engine.state.metrics[self.prefix + key] = value
-        logger.info("evaluation on %d scans: %s", len(self.rows),
-                    {k: round(v, 4) for k, v in metrics.items() if _finite(v)})
+                         title=f"ROC, {len(labels)} scans (positive: {self.class_names[1]})")
+        self.publish(engine, metrics, len(self.rows))
 
-    def _write_csv(self) -> None:
-        fields = ["case_id", "source", "label", "label_name", "probability", "prediction", "correct",
-                  "draw_probabilities", "lobe_mean_dsc"] + [f"{n}_dsc" for n in LOBE_NAMES.values()] + ["error"]
-        with open(self.output_dir / "per_case.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            for r in self.rows:
-                prob = r["probability"]
-                prediction = "" if prob is None else int(prob >= self.threshold)
-                row = {
-                    "case_id": r["case_id"], "source": r["source"],
-                    "label": "" if r["label"] is None else r["label"],
-                    "label_name": "" if r["label"] is None else self.class_names[r["label"]],
-                    "probability": "" if prob is None else f"{prob:.6f}", "prediction": prediction,
-                    "correct": "" if prob is None or r["label"] is None else int(prediction == r["label"]),
-                    "draw_probabilities": " ".join(f"{p:.4f}" for p in r["draws"]), "error": r["error"],
-                }
-                lobes = r.get("lobes") or {}
-                row["lobe_mean_dsc"] = _fmt(lobes.get("mean_dsc"))
-                for name in LOBE_NAMES.values():
-                    row[f"{name}_dsc"] = _fmt(lobes.get(f"{name}_dsc"))
-                writer.writerow(row)
+    def _per_case_row(self, r: Mapping[str, Any]) -> dict[str, Any]:
+        lobes = r.get("lobes") or {}
+        return {
+            "case_id": r["case_id"], "source": r["source"], **self.prediction_fields(r["probability"], r["label"]),
+            "draw_probabilities": " ".join(f"{p:.4f}" for p in r["draws"]), "error": r["error"],
+            "lobe_mean_dsc": _fmt(lobes.get("mean_dsc")),
+            **{f"{name}_dsc": _fmt(lobes.get(f"{name}_dsc")) for name in LOBE_NAMES.values()},
+        }
+
+
+# SeverityReport's per_case.csv columns.
+SEVERITY_PER_CASE_FIELDS = (
+    PER_CASE_FIELDS + ("draw_probabilities", "lobe_mean_dsc") + tuple(f"{n}_dsc" for n in LOBE_NAMES.values())
+    + ("error",)
+)
 
 
 def _fmt(value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""Metrics of the M2UNet severity bundle: the paper's Table II (severity) and Table III (lobes), and the ROC plot.
+"""Metrics of both bundles: binary classification (the M2UNet paper's Table II, the DA-CMIL paper's Table 1) and
+lobe overlap (the M2UNet paper's Table III); the ROC plot is :func:`chestct.writers.save_roc_png`.
 
 He et al., arXiv 2005.03832: Table II reports accuracy, precision, recall, F1 and AUC of severe (1) against
 non-severe (0); Table III reports, per lobe and as their mean, the Dice similarity coefficient (DSC), sensitivity
@@ -8,13 +9,11 @@ Mann-Whitney statistic, ties counted one half), so it runs in any process withou
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from chestct.constants import LOBE_NAMES, SEVERITY_LABELS
+from chestct.constants import LOBE_NAMES
 
 __all__ = [
     "LOBE_METRICS",
@@ -23,7 +22,6 @@ __all__ = [
     "mean_lobe_metrics",
     "roc_auc",
     "roc_curve",
-    "save_roc_png",
 ]
 
 # Table III columns, per lobe and mean.
@@ -155,35 +153,3 @@ def roc_curve(probabilities: Sequence[float], labels: Sequence[int]) -> tuple[np
     fps = (distinct + 1) - tps
     pos, neg = max(int(y.sum()), 1), max(int(y.size - y.sum()), 1)
     return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
-
-
-def save_roc_png(
-    probabilities: Sequence[float],
-    labels: Sequence[int],
-    path: str | os.PathLike,
-    title: str = "",
-    positive_name: str = SEVERITY_LABELS[1],
-) -> Path:
-    """Write the ROC curve with its AUC as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fpr, tpr = roc_curve(probabilities, labels)
-    auc = roc_auc(probabilities, labels)
-    figure, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, color="#0072B2", lw=2, label=f"AUC = {auc:.3f}")
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_title(title or f"ROC, {len(list(labels))} scans (positive: {positive_name})", fontsize=9)
-    ax.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

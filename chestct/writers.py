@@ -19,11 +19,24 @@ import numpy as np  # noqa: E402
 
 from chestct.constants import HU_WINDOW_MAX, HU_WINDOW_MIN, LUNG_LEFT, LUNG_RIGHT  # noqa: E402
 from chestct.io import reorient_to_original  # noqa: E402
+from chestct.severity_metrics import roc_auc, roc_curve  # noqa: E402
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["CohortWriter", "save_nifti_like_input", "save_qc_montage", "uncrop", "write_cohort_csv", "write_json"]
+__all__ = [
+    "PER_CASE_FIELDS",
+    "CohortWriter",
+    "EvaluationReport",
+    "ScanRowsHandler",
+    "save_nifti_like_input",
+    "save_qc_montage",
+    "save_roc_png",
+    "uncrop",
+    "write_cohort_csv",
+    "write_csv",
+    "write_json",
+]
 
 # Colour-blind-safe outline colours (Okabe-Ito): right lung orange, left lung sky blue, body box yellow.
 RIGHT_COLOUR, LEFT_COLOUR, BOX_COLOUR = "#E69F00", "#56B4E9", "#F0E442"
@@ -37,11 +50,11 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def write_cohort_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], path: str | os.PathLike) -> Path:
-    """One CSV row per scan with the given columns (missing values empty, extra keys ignored); logs the failures.
+def write_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], path: str | os.PathLike) -> Path:
+    """One CSV row per record with the given columns (missing values empty, extra keys ignored).
 
     Args:
-        rows: per-scan records, each with a ``status`` (``"ok"`` or a failure) when failures are to be counted.
+        rows: the records.
         fields: the columns, in order.
         path: output CSV path (parent folders created).
     """
@@ -52,12 +65,83 @@ def write_cohort_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], p
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in fields})
+    return path
+
+
+def write_cohort_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], path: str | os.PathLike) -> Path:
+    """The inference CSV: :func:`write_csv` of one row per scan, logging how many failed (``status`` not ok).
+
+    Args:
+        rows: per-scan records, each with a ``status`` (``"ok"`` or a failure).
+        fields: the columns, in order.
+        path: output CSV path (parent folders created).
+    """
+    path = write_csv(rows, fields, path)
     failed = sum(row.get("status") != "ok" for row in rows)
     logging.getLogger(__name__).info("inference: %d scans, %d failed; cohort CSV %s", len(rows), failed, path)
     return path
 
 
-class CohortWriter:
+# The evaluation reports' per-case columns (a report may add its own after them).
+PER_CASE_FIELDS = ("case_id", "source", "label", "label_name", "probability", "prediction", "correct")
+
+
+class ScanRowsHandler:
+    """Base of the bundles' evaluation and inference handlers: one row per scan over an engine run, written at its end.
+
+    The rows are reset when the run starts; a subclass implements ``_on_iteration`` (add the rows of the engine's
+    output) and ``_on_run_end`` (write the files).
+
+    Args:
+        output_dir: output folder.
+        threshold: decision threshold on the class-1 probability, in [0, 1].
+        class_names: names of classes 0 and 1.
+
+    Raises:
+        ValueError: for a threshold outside [0, 1] or not exactly two class names.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, threshold: float, class_names: Sequence[str]) -> None:
+        if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
+        if isinstance(class_names, str) or len(class_names) != 2:
+            raise ValueError(f"class_names must name classes 0 and 1, got {class_names!r}.")
+        self.output_dir = Path(output_dir)
+        self.threshold = float(threshold)
+        self.class_names = list(class_names)
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_run_end)
+
+    def _on_iteration(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _on_run_end(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def prediction_fields(self, probability: float | None, label: int | None = None) -> dict[str, Any]:
+        """The per-case CSV columns of a class-1 ``probability`` and a true ``label`` (empty where unknown).
+
+        Returns:
+            ``probability`` (6 decimals), ``prediction`` (0/1 at the threshold), ``label``, ``label_name`` (of the
+            true label) and ``correct`` (0/1 when both are known).
+        """
+        prediction = None if probability is None else int(probability >= self.threshold)
+        return {
+            "probability": "" if probability is None else f"{probability:.6f}",
+            "prediction": "" if prediction is None else prediction,
+            "label": "" if label is None else label,
+            "label_name": "" if label is None else self.class_names[label],
+            "correct": "" if prediction is None or label is None else int(prediction == label),
+        }
+
+
+class CohortWriter(ScanRowsHandler):
     """Base of the bundles' inference handlers: outputs per scan and ``output_dir/predictions.csv`` for the cohort.
 
     A subclass sets ``csv_fields`` and implements ``_on_iteration``, which hands each scan of the engine's output to
@@ -72,24 +156,6 @@ class CohortWriter:
 
     csv_fields: Sequence[str] = ("case_id", "source", "status", "reason")
 
-    def __init__(self, output_dir: str | os.PathLike, threshold: float, class_names: Sequence[str]) -> None:
-        if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
-        self.output_dir = Path(output_dir)
-        self.threshold = float(threshold)
-        self.class_names = list(class_names)
-        self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write_csv)
-
-    def _on_iteration(self, engine: Engine) -> None:
-        raise NotImplementedError
-
     def _record(self, case: str, source: Any, error: str | None, write: Callable[[], dict[str, Any]]) -> None:
         """Append the row of one scan: ``write()`` (its outputs, returning the CSV row) unless ``error`` is set."""
         if error:
@@ -103,8 +169,69 @@ class CohortWriter:
             self.rows.append({"case_id": case, "source": source, "status": "failed",
                               "reason": f"writing outputs failed: {type(failure).__name__}: {failure}"})
 
-    def _write_csv(self, engine: Engine) -> None:
+    def _on_run_end(self, engine: Engine) -> None:
         write_cohort_csv(self.rows, self.csv_fields, self.output_dir / "predictions.csv")
+
+
+class EvaluationReport(ScanRowsHandler):
+    """Base of the bundles' evaluation handlers: metrics over the labelled scans, published to the engine.
+
+    A subclass collects its rows in ``_on_iteration`` and, at the run's end, computes ``metrics`` and hands them to
+    :meth:`publish`, which puts the finite scalar ones into ``engine.state.metrics`` (for the stats handlers and the
+    key metric) under ``prefix``.
+
+    Args:
+        output_dir: folder of the report.
+        threshold: decision threshold on the class-1 probability, in [0, 1].
+        class_names: names of classes 0 and 1.
+        prefix: prefix of the metric names in ``engine.state.metrics``.
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike, threshold: float, class_names: Sequence[str], prefix: str = "test_"
+    ) -> None:
+        super().__init__(output_dir, threshold, class_names)
+        self.prefix = prefix
+        self.metrics: dict[str, Any] = {}
+
+    def publish(self, engine: Engine, metrics: Mapping[str, Any], num_scans: int) -> None:
+        """Keep ``metrics`` as :attr:`metrics`, copy its finite scalars to the engine and log them."""
+        self.metrics = dict(metrics)
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+        for key, value in scalars.items():
+            engine.state.metrics[self.prefix + key] = value
+        logging.getLogger(__name__).info("evaluation on %d scans: %s", num_scans,
+                                         {k: round(v, 4) for k, v in scalars.items()})
+
+
+def save_roc_png(
+    probabilities: Sequence[float], labels: Sequence[int], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Write the ROC curve of the class-1 probability, with its AUC in the legend, as a PNG.
+
+    Args:
+        probabilities: class-1 probability per case, shape (num_cases,).
+        labels: true labels 0/1 (both classes present), shape (num_cases,).
+        path: output PNG path (parent folders created).
+        title: plot title (default: the number of cases).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fpr, tpr = roc_curve(probabilities, labels)
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, color="#0072B2", lw=2, label=f"AUC = {roc_auc(probabilities, labels):.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(title or f"ROC, {len(list(labels))} cases", fontsize=9)
+    ax.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def _to_builtin(value: Any) -> Any:
