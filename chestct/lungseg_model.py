@@ -72,9 +72,10 @@ class ModelLungMask:
             "cuda" if torch.cuda.is_available() else "cpu"
         )
         try:
-            self.model = torch.jit.load(str(path), map_location=self.device).eval()
+            model = torch.jit.load(str(path), map_location=self.device).eval()
         except Exception as error:
             raise ChestCTInputError(path, f"not a loadable TorchScript model ({error})") from error
+        self.model = _fold_for_inference(model)
         self.batch_size, self.image_size = batch_size, image_size
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
         self.postprocess = postprocess
@@ -95,10 +96,11 @@ class ModelLungMask:
             batch = torch.from_numpy(slab)[:, None].to(self.device)
             batch = (batch.clamp(low, high) - low) / (high - low)
             batch = F.interpolate(batch, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-            logits = self.model(batch)
-            logits = F.interpolate(logits.float(), size=(width, height), mode="bilinear", align_corners=False)
-            # max().indices: torch's argmax over the channel dimension is about 15x slower on the CPU
-            labels[start:stop] = logits.max(dim=1).indices.to(torch.uint8).cpu().numpy()
+            logits = self.model(batch).float()
+            box = _foreground_box(logits, (width, height))
+            if box is not None:
+                (x0, x1), (y0, y1) = box
+                labels[start:stop, x0:x1, y0:y1] = _upsampled_labels(logits, (width, height), box).cpu().numpy()
         labels = labels.transpose(1, 2, 0)
         if body is not None:
             labels = labels * body.astype(bool)
@@ -107,17 +109,73 @@ class ModelLungMask:
 
     @staticmethod
     def _postprocess(labels: np.ndarray) -> np.ndarray:
-        """Largest 3D component per lung and in-plane hole filling, computed inside the box of the labels."""
+        """Largest 3D component per lung and in-plane hole filling, each computed inside that lung's box."""
         cleaned = np.zeros_like(labels)
-        box = bounding_box(labels > 0)
-        if box is None:
-            return cleaned
-        # one voxel of margin keeps in-plane holes that touch the box edge distinguishable from the outside
-        start = np.maximum(box[0] - 1, 0)
-        end = np.minimum(box[1] + 1, labels.shape)
-        region = tuple(slice(a, b) for a, b in zip(start, end))
-        crop, out = labels[region], cleaned[region]
         for value in (1, 2):
-            lung = keep_largest_component(crop == value)
-            out[fill_holes_in_plane(lung) & (out == 0)] = value
+            box = bounding_box(labels == value)
+            if box is None:
+                continue
+            # one voxel of margin keeps in-plane holes that touch the box edge distinguishable from the outside
+            start = np.maximum(box[0] - 1, 0)
+            end = np.minimum(box[1] + 1, labels.shape)
+            region = tuple(slice(a, b) for a, b in zip(start, end))
+            lung = fill_holes_in_plane(keep_largest_component(labels[region] == value))
+            out = cleaned[region]  # a view: writes land in ``cleaned``
+            out[lung & (out == 0)] = value
         return cleaned
+
+
+def _fold_for_inference(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Batch norm folded into the convolutions (about a third less CPU time); the model as loaded if that fails."""
+    try:
+        return torch.jit.optimize_for_inference(torch.jit.freeze(model))
+    except Exception:  # noqa: BLE001 - an exotic export still runs, only slower
+        return model
+
+
+def _foreground_box(logits: torch.Tensor, size: tuple[int, int], margin: int = 2) -> tuple[tuple[int, int], ...] | None:
+    """The full-resolution in-plane box that holds every lung pixel of a batch, from its low-resolution logits.
+
+    A bilinear blend of logit vectors that all rank background first ranks it first too, so no full-resolution pixel
+    outside the box of the low-resolution lung pixels (plus ``margin`` low-resolution pixels) can be lung.
+
+    Args:
+        logits: (B, C, S, S), class 0 = background.
+        size: the full-resolution (X, Y).
+
+    Returns:
+        ``((x0, x1), (y0, y1))`` inclusive-exclusive, or ``None`` when no pixel is lung.
+    """
+    foreground = (logits.max(dim=1).indices > 0).any(dim=0)  # (S, S): lung in any slice of the batch
+    box = []
+    for along, full in zip((foreground.any(dim=1), foreground.any(dim=0)), size):
+        hits = torch.nonzero(along).flatten()
+        if hits.numel() == 0:
+            return None
+        coarse = along.numel()
+        first = max(int(hits[0]) - margin, 0)
+        last = min(int(hits[-1]) + 1 + margin, coarse)
+        box.append((int(np.floor(first * full / coarse)), int(np.ceil(last * full / coarse))))
+    return tuple(box)
+
+
+def _upsampled_labels(logits: torch.Tensor, size: tuple[int, int], box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Labels of the full-resolution pixels in ``box``: bilinear logits (as ``F.interpolate`` with
+    ``align_corners=False`` to ``size``), then the best class.
+
+    ``grid_sample`` over the box alone samples exactly the points ``F.interpolate`` would and is several times
+    faster on the CPU than interpolating the whole slice.
+
+    Returns:
+        uint8 labels, shape (B, x1 - x0, y1 - y0).
+    """
+    (x0, x1), (y0, y1) = box
+    device = logits.device
+    # normalised coordinates of pixel centres: -1 and 1 are the outer edges of the first and last pixel
+    rows = (torch.arange(x0, x1, device=device, dtype=torch.float32) + 0.5) * (2.0 / size[0]) - 1.0
+    cols = (torch.arange(y0, y1, device=device, dtype=torch.float32) + 0.5) * (2.0 / size[1]) - 1.0
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
+    grid = torch.stack([grid_cols, grid_rows], dim=-1)[None].expand(logits.shape[0], -1, -1, -1)
+    sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # max().indices: torch's argmax over the channel dimension is about 15x slower on the CPU
+    return sampled.max(dim=1).indices.to(torch.uint8)
