@@ -84,3 +84,37 @@ def test_missing_or_broken_model(tmp_path: Path) -> None:
         ModelLungMask(broken, batch_size=0)
     assert main(["preprocess", "x.nii.gz", "--out", str(tmp_path), "--lung-method", "model",
                  "--model-path", str(tmp_path / "absent.ts"), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("size", [(96, 96), (100, 73), (512, 459)])
+def test_upsampling_in_the_lung_box_equals_whole_slice_interpolation(size: tuple[int, int]) -> None:
+    from chestct.lungseg_model import _foreground_box, _upsampled_labels
+
+    generator = torch.Generator().manual_seed(0)
+    logits = 0.5 * torch.randn(3, 3, 32, 32, generator=generator)
+    logits[:, 0] += 4.0  # background wins except in two blobs
+    logits[:, 1, 6:14, 8:15] += 8.0
+    logits[1, 2, 20:27, 5:24] += 8.0
+    whole = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    expected = whole.argmax(dim=1).to(torch.uint8)
+    box = _foreground_box(logits, size)
+    assert box is not None
+    (x0, x1), (y0, y1) = box
+    labels = torch.zeros_like(expected)
+    labels[:, x0:x1, y0:y1] = _upsampled_labels(logits, size, box)
+    assert int((expected > 0).sum()) > 0
+    # the same labels, except where two classes tie to float rounding (grid_sample and interpolate round apart)
+    top2 = whole.topk(2, dim=1).values
+    differ = labels != expected
+    assert bool(((top2[:, 0] - top2[:, 1]) < 1e-3)[differ].all()), int(differ.sum())
+    assert int(differ.sum()) <= 2
+    # the box holds the blobs and a margin, not the whole slice
+    assert (x1 - x0) * (y1 - y0) < 0.6 * size[0] * size[1]
+
+
+def test_no_lung_gives_no_box() -> None:
+    from chestct.lungseg_model import _foreground_box
+
+    logits = torch.zeros(2, 3, 16, 16)
+    logits[:, 0] = 1.0
+    assert _foreground_box(logits, (64, 64)) is None
