@@ -329,6 +329,7 @@ def run_cross_validation(
     num_folds_key: str = "num_folds",
     datalist_key: str = "datalist",
     output_dir_key: str = "output_dir",
+    ckpt_dir_key: str | None = "ckpt_dir",
     timeout_s: float | None = None,
     python: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -339,9 +340,11 @@ def run_cross_validation(
 
     For fold ``k`` the runs receive (through a MONAI ``--args_file``, so values keep their JSON types):
     ``config_file``, ``bundle_root``, ``fold_key = k``, ``num_folds_key = folds``, ``output_dir_key =
-    <output_dir>/fold_<k>``, ``datalist_key = datalist`` (when given) and ``overrides`` (``{"train#trainer#max_epochs":
-    1}``...). Run ids go in order; when one fails the fold's later run ids are skipped. The fold's metrics are read
-    from ``metric_file`` (relative to the fold's output dir; ``{fold}`` is replaced by ``k``).
+    <output_dir>/fold_<k>``, ``ckpt_dir_key = <output_dir>/fold_<k>/models`` (each fold trains, resumes and is
+    evaluated from its own checkpoints), ``datalist_key = datalist`` (when given) and ``overrides``
+    (``{"train#trainer#max_epochs": 1}``...). Run ids go in order; when one fails the fold's later run ids are
+    skipped. The fold's metrics are read from ``metric_file`` (relative to the fold's output dir; ``{fold}`` is
+    replaced by ``k``).
 
     Args:
         bundle_root: the bundle folder (the runs' working directory; relative config files refer to it).
@@ -357,6 +360,8 @@ def run_cross_validation(
         num_folds_key: config key of the number of folds.
         datalist_key: config key of the datalist path.
         output_dir_key: config key of the output folder.
+        ckpt_dir_key: config key of the checkpoint folder (``None``: left to the config, for bundles that keep
+            checkpoints under their output folder; a shared folder would let a fold resume from another's weights).
         timeout_s: time limit per run in seconds (``None``: no limit).
         python: the interpreter (default: this one).
         env: environment of the runs (default: this process's).
@@ -397,6 +402,8 @@ def run_cross_validation(
         fold_dir.mkdir(parents=True, exist_ok=True)
         args: dict[str, Any] = {"config_file": configs, "bundle_root": str(root)}
         args.update({fold_key: k, num_folds_key: int(folds), output_dir_key: str(fold_dir)})
+        if ckpt_dir_key:
+            args[ckpt_dir_key] = str(fold_dir / "models")
         if datalist_path is not None:
             args[datalist_key] = str(datalist_path)
         args.update(dict(overrides or {}))

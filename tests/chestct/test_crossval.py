@@ -24,8 +24,11 @@ datalist: null
 fail_fold: -1
 fail_in: evaluating
 output_dir: "$@bundle_root + '/out'"
+ckpt_dir: "$@bundle_root + '/models'"
 training:
   - "$pathlib.Path(@output_dir).mkdir(parents=True, exist_ok=True)"
+  - "$pathlib.Path(@ckpt_dir).mkdir(parents=True, exist_ok=True)"
+  - "$pathlib.Path(@ckpt_dir, 'model.pt').write_text(str(@fold))"
   - "$1 // 0 if @fold == @fail_fold and @fail_in == 'training' else None"
   - "$pathlib.Path(@output_dir, 'trained.txt').write_text(str(@fold))"
 evaluating:
@@ -127,9 +130,11 @@ def test_run_cross_validation_end_to_end(fake_bundle, tmp_path):
     assert "ZeroDivisionError" in (out / "fold_1" / "training.log").read_text()
     for k in (0, 2):
         assert (out / f"fold_{k}" / "trained.txt").read_text() == str(k)  # output_dir override reached the config
+        assert (out / f"fold_{k}" / "models" / "model.pt").read_text() == str(k)  # one checkpoint folder per fold
         assert report["folds"][k]["metrics"] == pytest.approx(
             {"accuracy": 0.9 + 0.01 * k, "dice.right_upper": 0.5 + 0.1 * k, "n_test": 3}
         )
+    assert not (root / "models").exists()  # nothing written into the bundle
     summary = json.loads((out / "crossval.json").read_text())["summary"]
     assert summary["accuracy"]["mean"] == pytest.approx(0.91)
     assert summary["accuracy"]["std"] == pytest.approx(math.sqrt(0.0002))
