@@ -22,16 +22,18 @@ Key contract with the bundle (the config must accept these keys as overrides):
 
 The run writes ``<output_dir>/crossval.json`` (per-fold status, metrics and the summary) and
 ``<output_dir>/crossval.md`` (a table: metric | mean +- std | fold values), plus one log per fold and run id
-(``fold_<k>/<run_id>.log``) and the arguments each run received (``fold_<k>/crossval_args.json``, a MONAI
+(``fold_<k>/<run_id>.log``) and the arguments each run received (``fold_<k>/<run_id>_args.json``, a MONAI
 ``--args_file``). A failing fold is reported and the other folds go on; the command line exits with status 1 when a
 fold failed.
 
 Command line::
 
     python -m chestct.crossval --bundle_root bundles/m2unet_covid_severity \\
-        --config_file configs/train.yaml --config_file configs/evaluate.yaml \\
+        --config_file configs/train.yaml --run_config_file evaluating=configs/evaluate.yaml \\
         --datalist data/datalist.json --folds 5 --output_dir runs/cv \\
-        --override train#trainer#max_epochs=1
+        --override max_epochs=1
+
+(``--config_file`` goes to every run id; ``--run_config_file RUN_ID=FILE`` to one run id only, after them.)
 """
 
 from __future__ import annotations
@@ -325,6 +327,7 @@ def run_cross_validation(
     run_ids: Sequence[str] = DEFAULT_RUN_IDS,
     metric_file: str = DEFAULT_METRIC_FILE,
     only_folds: Sequence[int] | None = None,
+    run_config_files: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]] | None = None,
     fold_key: str = "fold",
     num_folds_key: str = "num_folds",
     datalist_key: str = "datalist",
@@ -356,6 +359,9 @@ def run_cross_validation(
         run_ids: config ids to run per fold.
         metric_file: the metrics JSON written by the last run id.
         only_folds: run these folds only (default: all); the summary covers the folds run.
+        run_config_files: config files merged after ``config_files`` for one run id only, e.g.
+            ``{"evaluating": "configs/evaluate.yaml"}``: an evaluation overlay that loads trained weights must not
+            be part of the training run.
         fold_key: config key of the test fold.
         num_folds_key: config key of the number of folds.
         datalist_key: config key of the datalist path.
@@ -371,7 +377,7 @@ def run_cross_validation(
     Returns:
         the content written to ``crossval.json``: ``{"num_folds", "folds": [{"fold", "status" ("ok" | "failed"),
         "error", "metrics", "output_dir", "runs": [{"run_id", "returncode", "seconds", "log"}]}], "summary",
-        "failed_folds", "bundle_root", "config_files", "datalist", "overrides", "run_ids"}``.
+        "failed_folds", "bundle_root", "config_files", "run_config_files", "datalist", "overrides", "run_ids"}``.
     """
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}.")
@@ -386,6 +392,11 @@ def run_cross_validation(
     if not root.is_dir():
         raise ChestCTInputError(root, "bundle_root is not a folder")
     configs = _config_list(root, config_files)
+    extra = dict(run_config_files or {})
+    unknown = sorted(set(extra) - set(run_ids))
+    if unknown:
+        raise ValueError(f"run_config_files names run ids {unknown} that are not in run_ids {run_ids}.")
+    run_configs = {r: configs + (_config_list(root, extra[r]) if r in extra else []) for r in run_ids}
     datalist_path = None
     if datalist is not None:
         datalist_path = Path(datalist).resolve()
@@ -400,15 +411,13 @@ def run_cross_validation(
     for k in selected:
         fold_dir = out / f"fold_{k}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        args: dict[str, Any] = {"config_file": configs, "bundle_root": str(root)}
+        args: dict[str, Any] = {"bundle_root": str(root)}
         args.update({fold_key: k, num_folds_key: int(folds), output_dir_key: str(fold_dir)})
         if ckpt_dir_key:
             args[ckpt_dir_key] = str(fold_dir / "models")
         if datalist_path is not None:
             args[datalist_key] = str(datalist_path)
         args.update(dict(overrides or {}))
-        args_file = fold_dir / "crossval_args.json"
-        args_file.write_text(json.dumps(args, indent=2) + "\n")
         result: dict[str, Any] = {
             "fold": k,
             "status": "ok",
@@ -419,6 +428,8 @@ def run_cross_validation(
         }
         for run_id in run_ids:
             log_path = fold_dir / f"{run_id}.log"
+            args_file = fold_dir / f"{run_id}_args.json"
+            args_file.write_text(json.dumps({"config_file": run_configs[run_id], **args}, indent=2) + "\n")
             cmd = [python, "-m", "monai.bundle", "run", run_id, "--args_file", str(args_file)]
             logger.info("fold %d/%d: %s", k, folds, " ".join(cmd))
             start = time.perf_counter()
@@ -469,6 +480,7 @@ def run_cross_validation(
         "folds": fold_results,
         "bundle_root": str(root),
         "config_files": configs,
+        "run_config_files": {r: c[len(configs):] for r, c in run_configs.items() if len(c) > len(configs)},
         "datalist": None if datalist_path is None else str(datalist_path),
         "overrides": dict(overrides or {}),
         "run_ids": run_ids,
@@ -521,6 +533,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="config file, repeat to merge several (or a list \"['a.yaml','b.yaml']\")",
     )
+    parser.add_argument(
+        "--run_config_file",
+        action="append",
+        default=[],
+        metavar="RUN_ID=FILE",
+        help="config file merged for one run id only (e.g. evaluating=configs/evaluate.yaml); repeatable",
+    )
     parser.add_argument("--datalist", default=None, help="datalist JSON whose cases carry a 'fold' key")
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--output_dir", required=True, help="output folder (fold_<k>/, crossval.json, crossval.md)")
@@ -547,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or not key:
             parser.error(f"--override expects KEY=VALUE, got {item!r}")
         overrides[key] = _parse_value(value)
+    run_config_files: dict[str, list[str]] = {}
+    for item in args.run_config_file:
+        run_id, sep, path = item.partition("=")
+        if not sep or not run_id or not path:
+            parser.error(f"--run_config_file expects RUN_ID=FILE, got {item!r}")
+        run_config_files.setdefault(run_id, []).append(path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         report = run_cross_validation(
@@ -559,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_ids=args.run_ids,
             metric_file=args.metric_file,
             only_folds=args.only_folds,
+            run_config_files=run_config_files,
             timeout_s=args.timeout_s,
             ddof=args.ddof,
         )

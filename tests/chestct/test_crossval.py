@@ -166,3 +166,27 @@ def test_cli_one_fold_and_failure_status(fake_bundle, tmp_path, capsys):
     assert report["folds_run"] == [2] and report["summary"]["n_test"]["values"] == [0.0]
     assert main(args + ["--override", "fail_fold=2"]) == 1  # evaluating raises for fold 2: exit status 1
     assert main(args[:-2] + ["--output_dir", str(tmp_path / "x"), "--only_folds", "7"]) == 2
+
+
+@pytest.mark.slow
+def test_run_config_file_reaches_one_run_id_only(fake_bundle, tmp_path, capsys):
+    """An evaluation overlay that would break training (as the bundles' evaluate.yaml loads trained weights) is
+    merged into the evaluating run only."""
+    root, datalist = fake_bundle
+    (root / "configs" / "evaluate.yaml").write_text(
+        'training: "$1 // 0"\nevaluating:\n  - "$pathlib.Path(@output_dir, \'metrics.json\')'
+        '.write_text(json.dumps({\'accuracy\': 0.5}))"\n'
+    )
+    args = ["--bundle_root", str(root), "--config_file", "configs/train.yaml", "--datalist", str(datalist),
+            "--folds", "3", "--only_folds", "0", "--output_dir", str(tmp_path / "cv"),
+            "--run_config_file", "evaluating=configs/evaluate.yaml"]
+    assert main(args) == 0
+    assert "| accuracy | 0.500 ± n/a | 0.500 |" in capsys.readouterr().out  # the overlay's evaluation ran
+    fold = tmp_path / "cv" / "fold_0"
+    assert (fold / "trained.txt").read_text() == "0"  # training ran without the overlay
+    assert json.loads((fold / "training_args.json").read_text())["config_file"] == [str(root / "configs/train.yaml")]
+    assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["run_config_files"] == {
+        "evaluating": [str(root / "configs/evaluate.yaml")]
+    }
+    with pytest.raises(ValueError, match="run ids"):
+        run_cross_validation(root, "configs/train.yaml", tmp_path / "bad", run_config_files={"inference": "x.yaml"})
