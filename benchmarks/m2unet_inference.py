@@ -3,12 +3,16 @@
 The stages are those of the bundle's inference (configs/inference.yaml): load in HU, body crop, lung window, severity
 from ``--draws`` random bags of ``--num-patches`` patches (encoder + MIL, no decoder), full-slice lobe segmentation
 (MONAI sliding window of ``--patch-size`` over every axial slice), writing the lobe NIfTI on the input grid and the
-lobe volumes. The network has random weights (the cost does not depend on them) unless ``--weights`` is given.
+lobe volumes. The network has random weights (the cost does not depend on them) unless ``--weights`` is given. As
+the bundle's step does by default, severity and lobes run on an inference copy of the network (batch norms folded
+into the convolutions, channels-last memory format; ``custom_nets.inference.inference_copy``, built in the stage
+``inference_copy``); ``--no-fast-inference`` runs the network itself, for comparison.
 Optionally (``--train-step``) the time and peak memory of one training step on one bag (forward + backward of both
 tasks and an SGD step), at ``--train-patches`` patches.
 
     python benchmarks/m2unet_inference.py                       # covid_ct_md/normal001 from the real data folder
     python benchmarks/m2unet_inference.py SCAN --threads 2 --out outputs/benchmarks --train-step
+    python benchmarks/m2unet_inference.py --no-fast-inference   # the unfused, default-memory-format network
 
 Target (issue 5): severity + full lobe segmentation under 60 s on a 2-core CPU.
 """
@@ -44,6 +48,8 @@ def _network(args: argparse.Namespace):
 
     from custom_nets import M2UNet
 
+    # seeded random weights: the outputs of --fast-inference and --no-fast-inference runs can then be compared
+    torch.manual_seed(0)
     net = M2UNet(features=args.features, decoder_features=args.decoder_features)
     if args.weights:
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
@@ -59,6 +65,7 @@ def run_inference(args: argparse.Namespace) -> dict:
     from chestct.patch_bags import RandomPatchBagd, lobe_volumes_ml
     from chestct.transforms import BodyCropd, HUWindowd, LoadCTd
     from chestct.writers import save_nifti_like_input, uncrop
+    from custom_nets import inference_copy
 
     torch.set_num_threads(args.threads)
     times: dict[str, float] = {}
@@ -92,15 +99,24 @@ def run_inference(args: argparse.Namespace) -> dict:
     x = torch.stack([torch.as_tensor(b["image"]) for b in bags])
     lap("bag_draw", t)
     t = time.perf_counter()
+    # as chestct.multitask_engine.M2UNetEvalStep(fast_inference=True), which builds it on the first scan of a run
+    model = inference_copy(net) if args.fast_inference else net
+    lap("inference_copy", t)
+    t = time.perf_counter()
     with torch.no_grad():
-        probs = torch.softmax(net.classify(x, None, args.chunk_size), dim=-1)
+        probs = torch.softmax(model.classify(x, None, args.chunk_size), dim=-1)
     probability = float(probs[:, 1].mean())
     lap("severity", t)
 
     t = time.perf_counter()
     image = data["image"]
     box = lung_box(image.as_tensor(), data["body"]) if args.crop_lungs else tuple(slice(0, s) for s in image.shape[1:])
-    labels = segment_lobes(image.as_tensor(), net.segment, body=data["body"], roi_size=args.patch_size,
+    memory_format = torch.channels_last if args.fast_inference else torch.contiguous_format
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        return model.segment(windows.contiguous(memory_format=memory_format))
+
+    labels = segment_lobes(image.as_tensor(), predictor, body=data["body"], roi_size=args.patch_size,
                            sw_batch_size=args.sw_batch_size, overlap=args.overlap,
                            slice_batch_size=args.slice_batch_size, crop_to_lungs=args.crop_lungs,
                            whole_slice=args.whole_slice, max_roi_size=args.max_roi_size)
@@ -125,6 +141,7 @@ def run_inference(args: argparse.Namespace) -> dict:
         roi = max(roi, min(-(-max(seg_shape[0], seg_shape[1]) // 16) * 16, args.max_roi_size))
     windows_per_slice = _windows(seg_shape[0], roi, args.overlap) * _windows(seg_shape[1], roi, args.overlap)
     return {
+        "fast_inference": bool(args.fast_inference),
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -205,6 +222,9 @@ def main() -> int:
     parser.add_argument("--whole-slice", action=argparse.BooleanOptionalAction, default=True,
                         help="one window per (cropped) slice, padded to a multiple of 16, not patch-size windows")
     parser.add_argument("--max-roi-size", type=int, default=512, help="largest whole-slice window side")
+    # default follows the bundle's configs (fast_inference: true); --no-fast-inference runs the network itself
+    parser.add_argument("--fast-inference", action=argparse.BooleanOptionalAction, default=True,
+                        help="run custom_nets.inference.inference_copy of the network (BN folded, channels-last)")
     parser.add_argument("--train-step", action="store_true", help="also time one training step on one bag")
     parser.add_argument("--train-patches", type=int, default=200,
                         help="patches of the training bag (200 needs about 17 GB of memory at 128 px, full width)")
@@ -235,7 +255,8 @@ def main() -> int:
     print(f"M2UNet inference on {args.scan.name}: input {inference['input_shape']}, body crop "
           f"{inference['crop_shape']}, segmented box {inference['segmented_box_shape']}, {inference['windows']} "
           f"windows of {inference['window_size']} px, features {args.features}/"
-          f"{args.decoder_features or args.features}, {args.threads} threads")
+          f"{args.decoder_features or args.features}, {args.threads} threads, fast inference "
+          f"{'on' if args.fast_inference else 'off'}")
     print(f"{'stage':<20}{'wall s':>10}{'CPU s':>10}")
     for stage, seconds in inference["seconds"].items():
         print(f"{stage:<20}{seconds:>10.2f}{inference['cpu_seconds'][stage]:>10.2f}")

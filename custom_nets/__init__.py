@@ -5,6 +5,7 @@ from __future__ import annotations
 from custom_nets.attention import GatedInstanceAttention, GatedSpatialAttention
 from custom_nets.dacmil import DACMIL, DACMIL_BACKBONES, DACMIL_POOLINGS, ResNetFeatures
 from custom_nets.gcp import GlobalContrastPooling
+from custom_nets.inference import fuse_conv_bn, inference_copy, to_channels_last
 from custom_nets.losses import DACMILLoss, InstanceBagContrastiveLoss, M2UNetLoss
 from custom_nets.m2unet import M2UNET_TASKS, M2UNet
 from custom_nets.resnest import (  # importing registers the encoders in MONAI's FlexibleUNet backbone registry
@@ -34,5 +35,8 @@ __all__ = [
     "ResNeStUNet",
     "ResNetFeatures",
     "SplitAttention2d",
+    "fuse_conv_bn",
+    "inference_copy",
     "resnest_output_channels",
+    "to_channels_last",
 ]
