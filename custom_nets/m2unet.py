@@ -52,6 +52,16 @@ def _double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.S
     )
 
 
+def _temperature_pair(temperature: float | Sequence[float]) -> tuple[float, float]:
+    """``(embedding level, image level)`` GCP temperatures from one value or a pair (values are checked by GCP)."""
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        return float(temperature), float(temperature)
+    values = tuple(temperature) if isinstance(temperature, Sequence) and not isinstance(temperature, str) else ()
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"gcp_temperature must be a number or a pair of numbers, got {temperature!r}.")
+    return float(values[0]), float(values[1])
+
+
 class _DecoderBlock(nn.Module):
     """{2x up-sample, 3x3 conv, BN, ReLU}, concatenation with the encoder block of the same level, {3x3 conv, BN, ReLU}.
 
@@ -102,7 +112,10 @@ class M2UNet(nn.Module):
         gcp_regularization: weight of the concept diversity penalty of both GCP layers (see
             :meth:`regularization_loss`); 0 disables it.
         gcp_pooling: ``"max"`` (the paper) or ``"lse"`` (smooth maximum), for both GCP layers.
-        gcp_temperature: temperature of the ``"lse"`` pooling.
+        gcp_temperature: temperature of the ``"lse"`` pooling: one value for both GCP layers, or a pair
+            ``(embedding level, image level)``. A small temperature approaches the maximum (the paper); a large one
+            approaches the mean over instances, which suits a label that depends on how *much* of the scan is
+            diseased rather than on its most diseased slice.
         dropout: dropout probability before the classifier (0: none, as in the paper).
         upsample_mode: ``"nearest"`` or ``"bilinear"`` up-sampling in the decoder.
         decoder_features: channels of the decoder blocks; ``None`` (the paper) uses ``features``. The decoder at
@@ -148,7 +161,7 @@ class M2UNet(nn.Module):
         tasks: Sequence[str] = M2UNET_TASKS,
         gcp_regularization: float = 0.0,
         gcp_pooling: str = "max",
-        gcp_temperature: float = 0.1,
+        gcp_temperature: float | Sequence[float] = 0.1,
         dropout: float = 0.0,
         upsample_mode: str = "nearest",
         decoder_features: int | None = None,
@@ -177,6 +190,7 @@ class M2UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         if upsample_mode not in INTERPOLATION_MODES:
             raise ValueError(f"upsample_mode must be one of {INTERPOLATION_MODES}, got {upsample_mode!r}.")
+        emb_temperature, img_temperature = _temperature_pair(gcp_temperature)
 
         self.in_channels = in_channels
         self.num_seg_classes = num_seg_classes
@@ -216,14 +230,12 @@ class M2UNet(nn.Module):
         self.img_fc: nn.Sequential | None = None
         self.classifier: nn.Linear | None = None
         if self.has_classification:
-            gcp_kwargs = {
-                "regularization": gcp_regularization,
-                "pooling": gcp_pooling,
-                "temperature": gcp_temperature,
-            }
-            self.emb_gcp = GlobalContrastPooling(bottleneck_features, emb_concepts, **gcp_kwargs)
+            gcp_kwargs = {"regularization": gcp_regularization, "pooling": gcp_pooling}
+            self.emb_gcp = GlobalContrastPooling(
+                bottleneck_features, emb_concepts, temperature=emb_temperature, **gcp_kwargs
+            )
             self.emb_fc = nn.Sequential(nn.Linear(emb_concepts, emb_concepts), nn.ReLU(inplace=True))
-            self.img_gcp = GlobalContrastPooling(emb_concepts, img_concepts, **gcp_kwargs)
+            self.img_gcp = GlobalContrastPooling(emb_concepts, img_concepts, temperature=img_temperature, **gcp_kwargs)
             self.img_fc = nn.Sequential(nn.Linear(img_concepts, img_concepts), nn.ReLU(inplace=True))
             self.classifier = nn.Linear(img_concepts, num_classes)
 

@@ -36,6 +36,8 @@ SEED = int(os.environ.get("M2U_SEED", 7))
 BATCH_SIZE = int(os.environ.get("M2U_BATCH", 8))
 # about M2U_STEPS optimiser steps, rounded up to whole epochs
 EPOCHS = max(1, -(-int(os.environ.get("M2U_STEPS", 1000)) * BATCH_SIZE // NUM_TRAIN))
+# smooth-maximum temperature of both GCP layers, or "embedding,image"
+TEMPERATURES = [float(v) for v in os.environ.get("M2U_GCP_TEMPERATURE", "0.1").split(",")]
 TARGET_AUC = 0.90
 TARGET_LOBE_DICE = 0.80
 TIME_LIMIT_S = 600.0
@@ -57,7 +59,7 @@ LEARNING = {
     "num_workers": 0,
     "progress_bar": False,
     "eval_chunk_size": 64,
-    "network_def#gcp_temperature": float(os.environ.get("M2U_GCP_TEMPERATURE", 0.1)),
+    "network_def#gcp_temperature": TEMPERATURES[0] if len(TEMPERATURES) == 1 else TEMPERATURES,
 }
 if os.environ.get("M2U_OPTIMIZER", "adam") == "adam":
     LEARNING["optimizer"] = {"_target_": "torch.optim.Adam", "params": "$@network.parameters()",

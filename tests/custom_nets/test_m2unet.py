@@ -153,11 +153,34 @@ def test_torchscript_round_trip(tmp_path, tasks):
         ({"decoder_features": 0}, "decoder_features"),
         ({"gcp_pooling": "mean"}, "mean"),
         ({"gcp_regularization": -1.0}, "-1.0"),
+        ({"gcp_temperature": (0.1, 1.0, 2.0)}, "pair"),
+        ({"gcp_temperature": "0.1"}, "pair"),
+        ({"gcp_temperature": (0.1, -1.0)}, "-1.0"),
     ],
 )
 def test_ill_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         M2UNet(**{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "temperature, expected",
+    [(0.5, (0.5, 0.5)), (2, (2.0, 2.0)), ((0.1, 1.0), (0.1, 1.0)), ([0.2, 3.0], (0.2, 3.0))],
+)
+def test_gcp_temperature_per_level(temperature, expected):
+    net = _small(gcp_pooling="lse", gcp_temperature=temperature)
+    assert (net.emb_gcp.temperature, net.img_gcp.temperature) == expected
+
+
+def test_large_image_level_temperature_approaches_the_mean_over_patches():
+    """With a large image-level temperature the bag feature is the mean of the patches' cosines, not their max."""
+    net = _small(gcp_pooling="lse", gcp_temperature=(0.1, 100.0)).eval()
+    patch_features = torch.rand(2, 5, SMALL["emb_concepts"])
+    with torch.no_grad():
+        pooled = net.img_gcp(patch_features)
+        cosines = net.img_gcp.similarity(patch_features)
+    torch.testing.assert_close(pooled, cosines.mean(dim=1), atol=5e-3, rtol=0.0)
+    assert (cosines.amax(dim=1) - pooled).amax() > 0.05
 
 
 @pytest.mark.parametrize(
