@@ -150,3 +150,16 @@ def test_ddp_two_cpu_processes_gloo(cohort: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (models / "model.pt").is_file() and (models / "model_final.pt").is_file()
+
+
+@pytest.mark.parametrize("pooling, temperature, expected", [("max", 0.1, (0.1, 0.1)), ("lse", [0.1, 2.0], (0.1, 2.0))])
+def test_gcp_keys_reach_the_network(pooling: str, temperature, expected: tuple[float, float]) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.update({"gcp_pooling": pooling, "gcp_temperature": temperature, "device": "$torch.device('cpu')",
+                   "features": 8, "bottleneck_features": 16, "emb_concepts": 8, "img_concepts": 8})
+    net = parser.get_parsed_content("network_def")
+    assert (net.emb_gcp.pooling, net.img_gcp.pooling) == (pooling, pooling)
+    assert (net.emb_gcp.temperature, net.img_gcp.temperature) == expected
