@@ -179,6 +179,11 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
+def parameter_groups(network: nn.Module, lr: float, head_lr_factor: float = 1.0) -> list[dict]:
+    """:meth:`custom_nets.M2UNet.parameter_groups` of a network that may be wrapped (DistributedDataParallel)."""
+    return unwrap(network).parameter_groups(lr, head_lr_factor)
+
+
 def _autocast(engine: Any, device: torch.device):
     use_amp = bool(getattr(engine, "amp", False)) and device.type == "cuda"
     return torch.autocast("cuda", enabled=True) if use_amp else torch.autocast("cpu", enabled=False)

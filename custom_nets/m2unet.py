@@ -398,6 +398,36 @@ class M2UNet(nn.Module):
             return self.encoder[0][0].weight.new_zeros(())
         return emb_gcp.regularization_loss() + img_gcp.regularization_loss()
 
+    @torch.jit.ignore
+    def parameter_groups(self, lr: float, head_lr_factor: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups: the encoder and decoder at ``lr``, the MIL head (both GCP layers, their 1x1
+        layers and the classifier) at ``lr * head_lr_factor``.
+
+        A slower head keeps the GCP chain from settling into a constant output early on, where the severity loss can
+        stay at ln 2 for hundreds of steps (see the bundle README); ``head_lr_factor=1`` is the paper's single rate.
+
+        Args:
+            lr: learning rate of the encoder and decoder.
+            head_lr_factor: multiplier of ``lr`` for the MIL head, > 0.
+
+        Returns:
+            a list of ``{"params": [...], "lr": ...}`` dicts for a ``torch.optim`` optimizer; a group without
+            parameters (a branch not built) is left out.
+
+        Raises:
+            ValueError: when ``lr`` is negative or ``head_lr_factor`` is not positive.
+        """
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}.")
+        if not head_lr_factor > 0.0:
+            raise ValueError(f"head_lr_factor must be > 0, got {head_lr_factor}.")
+        head_modules = (self.emb_gcp, self.emb_fc, self.img_gcp, self.img_fc, self.classifier)
+        head_ids = {id(p) for m in head_modules if m is not None for p in m.parameters()}
+        shared = [p for p in self.parameters() if id(p) not in head_ids]
+        head = [p for p in self.parameters() if id(p) in head_ids]
+        groups = [{"params": shared, "lr": float(lr)}, {"params": head, "lr": float(lr) * float(head_lr_factor)}]
+        return [g for g in groups if g["params"]]
+
     # --------------------------------------------------------------------------------------------------- reporting
     @torch.jit.ignore
     def parameter_table(self) -> dict[str, int]:

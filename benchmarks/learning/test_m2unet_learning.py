@@ -52,6 +52,7 @@ LEARNING = {
     "gcp_pooling": os.environ.get("M2U_GCP_POOLING", "lse"),
     "lam": float(os.environ.get("M2U_LAM", 10.0)),
     "learning_rate": float(os.environ.get("M2U_LR", 0.002)),
+    "head_lr_factor": float(os.environ.get("M2U_HEAD_LR_FACTOR", 0.2)),
     "batch_size": BATCH_SIZE,
     "max_epochs": EPOCHS,
     "val_interval": EPOCHS,  # one validation, at the end (the test split decides)
@@ -59,11 +60,15 @@ LEARNING = {
     "num_workers": 0,
     "progress_bar": False,
     "eval_chunk_size": 64,
-    "network_def#gcp_temperature": TEMPERATURES[0] if len(TEMPERATURES) == 1 else TEMPERATURES,
+    "gcp_temperature": TEMPERATURES[0] if len(TEMPERATURES) == 1 else TEMPERATURES,
 }
 if os.environ.get("M2U_OPTIMIZER", "adam") == "adam":
-    LEARNING["optimizer"] = {"_target_": "torch.optim.Adam", "params": "$@network.parameters()",
-                             "lr": "@learning_rate", "weight_decay": "@weight_decay"}
+    LEARNING["optimizer"] = {
+        "_target_": "torch.optim.Adam",
+        "params": "$chestct.multitask_engine.parameter_groups(@network, @learning_rate, @head_lr_factor)",
+        "lr": "@learning_rate",
+        "weight_decay": "@weight_decay",
+    }
 
 pytestmark = pytest.mark.slow
 

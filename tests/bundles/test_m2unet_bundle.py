@@ -163,3 +163,15 @@ def test_gcp_keys_reach_the_network(pooling: str, temperature, expected: tuple[f
     net = parser.get_parsed_content("network_def")
     assert (net.emb_gcp.pooling, net.img_gcp.pooling) == (pooling, pooling)
     assert (net.emb_gcp.temperature, net.img_gcp.temperature) == expected
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.2])
+def test_head_lr_factor_reaches_the_optimizer(factor: float) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.update({"head_lr_factor": factor, "learning_rate": 0.01, "device": "$torch.device('cpu')",
+                   "features": 8, "bottleneck_features": 16, "emb_concepts": 8, "img_concepts": 8})
+    optimizer = parser.get_parsed_content("optimizer")
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01 * factor])

@@ -197,3 +197,32 @@ def test_ill_inputs(shape, mask_shape, message):
     mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.bool)
     with pytest.raises(ValueError, match=message):
         net(torch.rand(shape), mask)
+
+
+@pytest.mark.parametrize(
+    "tasks, factor, expected_lrs",
+    [
+        (("classification", "segmentation"), 0.2, [0.01, 0.002]),
+        (("classification", "segmentation"), 1.0, [0.01, 0.01]),
+        (("classification",), 5.0, [0.01, 0.05]),
+        (("segmentation",), 0.2, [0.01]),  # no head: one group
+    ],
+)
+def test_parameter_groups_split_the_mil_head(tasks, factor, expected_lrs):
+    net = _small(tasks=tasks)
+    groups = net.parameter_groups(0.01, head_lr_factor=factor)
+    assert [g["lr"] for g in groups] == pytest.approx(expected_lrs)
+    # every parameter in exactly one group
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())
+    if len(groups) == 2:
+        head = {id(p) for m in (net.emb_gcp, net.emb_fc, net.img_gcp, net.img_fc, net.classifier)
+                for p in m.parameters()}
+        assert {id(p) for p in groups[1]["params"]} == head
+    torch.optim.SGD(groups, lr=0.01)  # a valid optimizer argument
+
+
+@pytest.mark.parametrize("lr, factor, message", [(-0.1, 1.0, "lr"), (0.01, 0.0, "head_lr_factor")])
+def test_parameter_groups_ill_arguments(lr, factor, message):
+    with pytest.raises(ValueError, match=message):
+        _small().parameter_groups(lr, head_lr_factor=factor)
