@@ -193,32 +193,54 @@ class RandomPatchBagd(Randomizable, MapTransform):
             return
         body = data
         sx, sy, sz = body.shape
-        area = body.sum(axis=(0, 1)).astype(np.float64)
-        slice_p = area / area.sum()
-        pixels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # every p x p window of every slice, as a view: the body fraction of a batch of candidates is one gather
+        windows = np.lib.stride_tricks.sliding_window_view(body, (p, p), axis=(0, 1))  # (X'-p+1, Y'-p+1, Z, p, p)
         origins = np.zeros((n, 3), dtype=np.int64)
         fractions = np.full(n, -1.0, dtype=np.float32)
         pending = np.arange(n)
+        sample = self._body_voxel_sampler(body)
         for _ in range(self.max_tries):
-            zs = self.R.choice(sz, size=len(pending), p=slice_p)
-            still = []
-            for i, z in zip(pending, zs):
-                z = int(z)
-                if z not in pixels:
-                    pixels[z] = np.nonzero(body[:, :, z])
-                px, py = pixels[z]
-                j = self.R.randint(len(px))
-                x0 = int(np.clip(px[j] - p // 2, 0, sx - p))
-                y0 = int(np.clip(py[j] - p // 2, 0, sy - p))
-                fraction = float(body[x0 : x0 + p, y0 : y0 + p, z].mean())
-                if fraction > fractions[i]:
-                    origins[i], fractions[i] = (z, x0, y0), fraction
-                if fraction < self.min_body_fraction:
-                    still.append(i)
-            pending = np.asarray(still, dtype=int)
+            centres = sample(len(pending))
+            x0 = np.clip(centres[:, 0] - p // 2, 0, sx - p)
+            y0 = np.clip(centres[:, 1] - p // 2, 0, sy - p)
+            zs = centres[:, 2]
+            candidate = windows[x0, y0, zs].mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+            better = candidate > fractions[pending]
+            origins[pending[better]] = np.stack([zs, x0, y0], axis=1)[better]
+            fractions[pending[better]] = candidate[better]
+            pending = pending[candidate < self.min_body_fraction]
             if len(pending) == 0:
                 break
         self._origins, self._fractions = origins, fractions
+
+    def _body_voxel_sampler(self, body: np.ndarray) -> Callable[[int], np.ndarray]:
+        """A function drawing ``m`` voxels uniformly among the body voxels, as an int64 array (m, 3) of (x, y, z).
+
+        Uniform over body voxels is the same as a slice chosen in proportion to its body area and then a body pixel
+        of that slice. Draws are uniform in the body's bounding box and kept when inside the body (the body fills
+        most of its box in CT, so this avoids listing the voxels of every slice); a body too sparse in its box is
+        listed once instead.
+        """
+        box = [np.flatnonzero(body.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+        lo = np.array([b[0] for b in box])
+        hi = np.array([b[-1] + 1 for b in box])
+        crop = body[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        count = int(crop.sum())
+        if count < 0.1 * crop.size:
+            listed = np.argwhere(crop)
+            return lambda m: listed[self.R.randint(count, size=m)] + lo
+        acceptance = count / crop.size
+
+        def sample(m: int) -> np.ndarray:
+            kept: list[np.ndarray] = []
+            while m > 0:
+                candidates = self.R.randint(lo, hi, size=(int(m / acceptance * 1.2) + 8, 3))
+                candidates = candidates[body[candidates[:, 0], candidates[:, 1], candidates[:, 2]]][:m]
+                kept.append(candidates)
+                m -= len(candidates)
+            return np.concatenate(kept).astype(np.int64)
+
+        return sample
 
     # ------------------------------------------------------------------ application
 

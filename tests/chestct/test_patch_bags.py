@@ -93,6 +93,29 @@ def test_patches_inside_body():
     assert min(body[x : x + p, y : y + p, z].mean() for z, x, y in origins) < min_fraction
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_centres_uniform_over_body_voxels(sparse):
+    """Patch centres are uniform over body voxels: a slice is drawn in proportion to its body area."""
+    shape = (40, 80, 4)
+    body = np.zeros(shape, dtype=np.uint8)
+    areas = [0, 2, 6, 12] if sparse else [0, 100, 300, 600]
+    for z, area in enumerate(areas):
+        if sparse:  # single voxels on a diagonal: the body fills under a tenth of its bounding box
+            body[np.arange(area) * 3, np.arange(area) * 3, z] = 1
+        else:  # a 10-row block
+            body[5:15, 5 : 5 + area // 10, z] = 1
+    box = body[:34, :34, 1:] if sparse else body[5:15, 5:65, 1:]
+    assert (box.mean() < 0.1) == sparse  # which of the sampler's two ways is taken
+    bagger = RandomPatchBagd(keys=("image",), num_patches=1, patch_size=8, label_keys=(), min_body_fraction=0.0)
+    bagger.set_random_state(seed=0)
+    centres = bagger._body_voxel_sampler(body > 0)(20000)
+    assert body[centres[:, 0], centres[:, 1], centres[:, 2]].all()
+    counts = np.bincount(centres[:, 2], minlength=shape[2]) / len(centres)
+    expected = body.sum(axis=(0, 1)) / body.sum()
+    np.testing.assert_allclose(counts, expected, atol=0.02)
+    assert counts[0] == 0
+
+
 def test_seed_determinism_and_draws():
     case = coded_case((80, 80, 5), radius=35)
 
