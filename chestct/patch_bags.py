@@ -192,7 +192,7 @@ class RandomPatchBagd(Randomizable, MapTransform):
             self._fractions = np.full(n, np.nan, dtype=np.float32)
             return
         body = data
-        sx, sy, sz = body.shape
+        sx, sy, _ = body.shape
         # every p x p window of every slice, as a view: the body fraction of a batch of candidates is one gather
         windows = np.lib.stride_tricks.sliding_window_view(body, (p, p), axis=(0, 1))  # (X'-p+1, Y'-p+1, Z, p, p)
         origins = np.zeros((n, 3), dtype=np.int64)
