@@ -195,22 +195,32 @@ class RandomPatchBagd(Randomizable, MapTransform):
         sx, sy, _ = body.shape
         # every p x p window of every slice, as a view: the body fraction of a batch of candidates is one gather
         windows = np.lib.stride_tricks.sliding_window_view(body, (p, p), axis=(0, 1))  # (X'-p+1, Y'-p+1, Z, p, p)
-        origins = np.zeros((n, 3), dtype=np.int64)
-        fractions = np.full(n, -1.0, dtype=np.float32)
-        pending = np.arange(n)
         sample = self._body_voxel_sampler(body)
-        for _ in range(self.max_tries):
-            centres = sample(len(pending))
+
+        def candidates(m: int) -> tuple[np.ndarray, np.ndarray]:
+            """``m`` candidate origins (m, 3) as (z, x, y) and their body fractions (m,)."""
+            centres = sample(m)
             x0 = np.clip(centres[:, 0] - p // 2, 0, sx - p)
             y0 = np.clip(centres[:, 1] - p // 2, 0, sy - p)
             zs = centres[:, 2]
-            candidate = windows[x0, y0, zs].mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
-            better = candidate > fractions[pending]
-            origins[pending[better]] = np.stack([zs, x0, y0], axis=1)[better]
-            fractions[pending[better]] = candidate[better]
-            pending = pending[candidate < self.min_body_fraction]
-            if len(pending) == 0:
-                break
+            fraction = windows[x0, y0, zs].mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+            return np.stack([zs, x0, y0], axis=1), fraction
+
+        origins, fractions = candidates(n)
+        pending = np.flatnonzero(fractions < self.min_body_fraction)
+        tries = self.max_tries - 1
+        if len(pending) and tries:
+            # The remaining tries of the patches short of body, drawn at once (a loop of tries costs milliseconds per
+            # bag where a slice can never reach the fraction, e.g. a patch as large as the slice): each keeps its
+            # first candidate with enough body, else the one with the most.
+            more, more_fractions = candidates(len(pending) * tries)
+            more, more_fractions = more.reshape(len(pending), tries, 3), more_fractions.reshape(len(pending), tries)
+            enough = more_fractions >= self.min_body_fraction
+            pick = np.where(enough.any(axis=1), enough.argmax(axis=1), more_fractions.argmax(axis=1))
+            rows = np.arange(len(pending))
+            better = more_fractions[rows, pick] > fractions[pending]
+            origins[pending[better]] = more[rows, pick][better]
+            fractions[pending[better]] = more_fractions[rows, pick][better]
         self._origins, self._fractions = origins, fractions
 
     def _body_voxel_sampler(self, body: np.ndarray) -> Callable[[int], np.ndarray]:

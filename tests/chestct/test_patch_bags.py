@@ -78,7 +78,9 @@ def test_patches_inside_body():
     shape, p, min_fraction = (120, 110, 8), 48, 0.8
     case = coded_case(shape, radius=45)
     body = case["body"][0].numpy()
-    bagger = RandomPatchBagd(num_patches=60, patch_size=p, min_body_fraction=min_fraction)
+    # a candidate here has enough body about one time in three: 100 tries leave no patch short of it (the default
+    # 20 leave about one patch in 6000, kept as the best candidate, which is the documented fallback)
+    bagger = RandomPatchBagd(num_patches=60, patch_size=p, min_body_fraction=min_fraction, max_tries=100)
     bagger.set_random_state(seed=1)
     out = bagger(case)
     fractions = out["patch_body_fraction"].numpy()
@@ -91,6 +93,24 @@ def test_patches_inside_body():
     loose.set_random_state(seed=1)
     origins = loose(coded_case(shape, radius=45))["patch_origins"].tolist()
     assert min(body[x : x + p, y : y + p, z].mean() for z, x, y in origins) < min_fraction
+
+
+def test_keeps_the_patch_with_most_body_when_none_has_enough():
+    shape, p = (64, 64, 4), 32
+    case = coded_case(shape, radius=10)  # a disc of about 314 pixels: no 32 x 32 window is half body
+    body = case["body"][0].numpy()
+    best = max(body[x : x + p, y : y + p, 0].mean() for x in range(shape[0] - p + 1) for y in range(shape[1] - p + 1))
+    fractions = {}
+    for tries in (1, 30):
+        bagger = RandomPatchBagd(num_patches=40, patch_size=p, min_body_fraction=0.5, max_tries=tries)
+        bagger.set_random_state(seed=0)
+        out = bagger(case)
+        fractions[tries] = out["patch_body_fraction"].numpy()
+        for (z, x, y), reported in zip(out["patch_origins"].tolist(), fractions[tries]):
+            assert body[x : x + p, y : y + p, z].mean() == pytest.approx(reported)
+    # about half the candidates hold the whole disc: after 30 tries every patch does, after 1 many do not
+    np.testing.assert_allclose(fractions[30], best, rtol=1e-6)
+    assert fractions[1].min() < best
 
 
 @pytest.mark.parametrize("sparse", [False, True])
