@@ -38,6 +38,8 @@ M2UNET_TASKS = ("classification", "segmentation")
 # Number of 2x2 max-pools between the 5 encoder blocks: patch sides must be multiples of 2**4 = 16.
 NUM_DOWNSAMPLINGS = 4
 INTERPOLATION_MODES = ("nearest", "bilinear")
+# Activation after the 1x1 layer of each MIL level (the paper does not say; "relu" as its other convolutions).
+MIL_ACTIVATIONS = ("relu", "leaky_relu", "identity")
 
 
 def _double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
@@ -50,6 +52,15 @@ def _double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.S
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+def _mil_activation(name: str) -> nn.Module:
+    """The activation after an MIL level's 1x1 layer (``name`` is checked by the caller)."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.1, inplace=True)
+    return nn.Identity()
 
 
 def _temperature_pair(temperature: float | Sequence[float]) -> tuple[float, float]:
@@ -122,6 +133,10 @@ class M2UNet(nn.Module):
             full patch resolution costs twice the encoder (about 4.9 against 2.4 GFLOP per 128x128 patch at 64
             channels); 32 channels cut its cost about threefold for CPU inference, at the price of a deviation from
             the paper.
+        mil_activation: activation after the 1x1 layer of each MIL level: ``"relu"`` (as the paper's other
+            convolutions; the paper does not say), ``"leaky_relu"`` (slope 0.1) or ``"identity"``. A ReLU unit that
+            is off for every bag passes no gradient and stays off: once all of a level's units are, the severity
+            output is constant and its loss stays at ln 2.
 
     Raises:
         ValueError: for sizes (``decoder_features`` included) that are not positive, an unknown or empty ``tasks``,
@@ -129,12 +144,12 @@ class M2UNet(nn.Module):
             :class:`GlobalContrastPooling`).
 
     Inputs and outputs:
-        ``forward(x, mask=None, with_segmentation=True)`` takes a batch of bags ``x`` of shape (B, N, C, H, W),
-        with ``H`` and ``W`` multiples of 16, and an optional bool ``mask`` (B, N), True for real patches and False
-        for padding. It returns ``(class_logits, seg_logits)``: class logits (B, num_classes) and segmentation
-        logits (B, N, num_seg_classes, H, W); an output is ``None`` when its branch is not built (or, for the
-        segmentation, when ``with_segmentation`` is False, which skips the decoder). :meth:`classify` and
-        :meth:`segment` give one task each.
+        ``forward(x, mask=None, with_segmentation=True, seg_index=None)`` takes a batch of bags ``x`` of shape
+        (B, N, C, H, W), with ``H`` and ``W`` multiples of 16, and an optional bool ``mask`` (B, N), True for real
+        patches and False for padding. It returns ``(class_logits, seg_logits)``: class logits (B, num_classes) and
+        segmentation logits (B, N, num_seg_classes, H, W) (or of the ``K`` patches picked by ``seg_index``); an
+        output is ``None`` when its branch is not built (or, for the segmentation, when ``with_segmentation`` is
+        False, which skips the decoder). :meth:`classify` and :meth:`segment` give one task each.
 
     Cost: about 2.4 GFLOP per 128x128 patch in the encoder and 4.9 in the decoder. Training stores about 85 MB of
     activations per 128x128 patch with both tasks (about 37 MB for classification only), i.e. some 17 GB for the
@@ -165,6 +180,7 @@ class M2UNet(nn.Module):
         dropout: float = 0.0,
         upsample_mode: str = "nearest",
         decoder_features: int | None = None,
+        mil_activation: str = "relu",
     ) -> None:
         super().__init__()
         sizes = {
@@ -190,6 +206,8 @@ class M2UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         if upsample_mode not in INTERPOLATION_MODES:
             raise ValueError(f"upsample_mode must be one of {INTERPOLATION_MODES}, got {upsample_mode!r}.")
+        if mil_activation not in MIL_ACTIVATIONS:
+            raise ValueError(f"mil_activation must be one of {MIL_ACTIVATIONS}, got {mil_activation!r}.")
         emb_temperature, img_temperature = _temperature_pair(gcp_temperature)
 
         self.in_channels = in_channels
@@ -234,9 +252,9 @@ class M2UNet(nn.Module):
             self.emb_gcp = GlobalContrastPooling(
                 bottleneck_features, emb_concepts, temperature=emb_temperature, **gcp_kwargs
             )
-            self.emb_fc = nn.Sequential(nn.Linear(emb_concepts, emb_concepts), nn.ReLU(inplace=True))
+            self.emb_fc = nn.Sequential(nn.Linear(emb_concepts, emb_concepts), _mil_activation(mil_activation))
             self.img_gcp = GlobalContrastPooling(emb_concepts, img_concepts, temperature=img_temperature, **gcp_kwargs)
-            self.img_fc = nn.Sequential(nn.Linear(img_concepts, img_concepts), nn.ReLU(inplace=True))
+            self.img_fc = nn.Sequential(nn.Linear(img_concepts, img_concepts), _mil_activation(mil_activation))
             self.classifier = nn.Linear(img_concepts, num_classes)
 
     # ----------------------------------------------------------------------------------------------- building blocks
@@ -312,7 +330,11 @@ class M2UNet(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- entry points
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, with_segmentation: bool = True
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        with_segmentation: bool = True,
+        seg_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Both tasks on a batch of bags.
 
@@ -322,16 +344,25 @@ class M2UNet(nn.Module):
                 reach the bag feature; their segmentation logits are computed but meaningless). In train mode padded
                 patches still enter the batch-norm statistics: train on full bags where possible.
             with_segmentation: False skips the decoder (cheap test-time classification).
+            seg_index: optional int64 tensor (K,) of patch positions in ``[0, N)``: only these patches of every bag
+                go through the decoder (the classifier still sees all ``N``). The decoder costs about twice the
+                encoder, so segmenting a random subset of each bag makes a training step much cheaper while the
+                segmentation loss stays an unbiased estimate of its value on the whole bag.
 
         Returns:
             ``(class_logits, seg_logits)``: (B, num_classes) or ``None`` without the classification branch;
-            (B, N, num_seg_classes, H, W) or ``None`` without the segmentation branch or ``with_segmentation``.
+            (B, N, num_seg_classes, H, W), or (B, K, ...) with ``seg_index``, or ``None`` without the segmentation
+            branch or ``with_segmentation``.
         """
         if x.dim() != 5:
             raise ValueError(f"expected bags of shape (B, N, C, H, W), got {list(x.shape)}.")
         b, n = x.shape[0], x.shape[1]
         if mask is not None and (mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != n):
             raise ValueError(f"expected a mask of shape [{b}, {n}], got {list(mask.shape)}.")
+        if seg_index is not None and (
+            seg_index.dim() != 1 or seg_index.numel() == 0 or int(seg_index.min()) < 0 or int(seg_index.max()) >= n
+        ):
+            raise ValueError(f"seg_index must be a non-empty 1D tensor of positions in [0, {n}), got {seg_index}.")
         skips = self.encode(x.flatten(0, 1))  # all patches of all bags at once: (B * N, C, H, W)
         class_logits: torch.Tensor | None = None
         seg_logits: torch.Tensor | None = None
@@ -339,8 +370,12 @@ class M2UNet(nn.Module):
             patch_features = self.embed_patches(skips[-1])
             class_logits = self.pool_bags(patch_features.view(b, n, patch_features.shape[-1]), mask)
         if self.has_segmentation and with_segmentation:
+            k = n
+            if seg_index is not None:
+                k = seg_index.numel()
+                skips = [s.view(b, n, s.shape[1], s.shape[2], s.shape[3])[:, seg_index].flatten(0, 1) for s in skips]
             seg = self.decode(skips)
-            seg_logits = seg.view(b, n, seg.shape[1], seg.shape[2], seg.shape[3])
+            seg_logits = seg.view(b, k, seg.shape[1], seg.shape[2], seg.shape[3])
         return class_logits, seg_logits
 
     @torch.jit.export
@@ -399,33 +434,48 @@ class M2UNet(nn.Module):
         return emb_gcp.regularization_loss() + img_gcp.regularization_loss()
 
     @torch.jit.ignore
-    def parameter_groups(self, lr: float, head_lr_factor: float = 1.0) -> list[dict]:
+    def parameter_groups(self, lr: float, head_lr_factor: float = 1.0, concept_lr_factor: float = 1.0) -> list[dict]:
         """Optimizer parameter groups: the encoder and decoder at ``lr``, the MIL head (both GCP layers, their 1x1
-        layers and the classifier) at ``lr * head_lr_factor``.
+        layers and the classifier) at ``lr * head_lr_factor``, and within it the GCP concepts at
+        ``lr * head_lr_factor * concept_lr_factor``.
 
         A slower head keeps the GCP chain from settling into a constant output early on, where the severity loss can
         stay at ln 2 for hundreds of steps (see the bundle README); ``head_lr_factor=1`` is the paper's single rate.
+        The concepts are a case apart: only their direction counts (cosine), and Adam moves every element of a
+        concept by about the learning rate whatever its size, so at a rate that suits the 1x1 layers (which must grow
+        to scale the bounded cosines into confident logits) the concepts of unit norm turn by about a percent per
+        step and wander with the gradient noise. ``concept_lr_factor`` slows them alone.
 
         Args:
             lr: learning rate of the encoder and decoder.
             head_lr_factor: multiplier of ``lr`` for the MIL head, > 0.
+            concept_lr_factor: further multiplier for the GCP concept vectors, > 0.
 
         Returns:
-            a list of ``{"params": [...], "lr": ...}`` dicts for a ``torch.optim`` optimizer; a group without
-            parameters (a branch not built) is left out.
+            a list of ``{"params": [...], "lr": ...}`` dicts for a ``torch.optim`` optimizer (shared layers, the
+            head's other parameters, the concepts); a group without parameters (a branch not built) is left out.
 
         Raises:
-            ValueError: when ``lr`` is negative or ``head_lr_factor`` is not positive.
+            ValueError: when ``lr`` is negative or a factor is not positive.
         """
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}.")
         if not head_lr_factor > 0.0:
             raise ValueError(f"head_lr_factor must be > 0, got {head_lr_factor}.")
+        if not concept_lr_factor > 0.0:
+            raise ValueError(f"concept_lr_factor must be > 0, got {concept_lr_factor}.")
         head_modules = (self.emb_gcp, self.emb_fc, self.img_gcp, self.img_fc, self.classifier)
         head_ids = {id(p) for m in head_modules if m is not None for p in m.parameters()}
+        concept_ids = {id(m.concepts) for m in (self.emb_gcp, self.img_gcp) if m is not None}
         shared = [p for p in self.parameters() if id(p) not in head_ids]
-        head = [p for p in self.parameters() if id(p) in head_ids]
-        groups = [{"params": shared, "lr": float(lr)}, {"params": head, "lr": float(lr) * float(head_lr_factor)}]
+        head = [p for p in self.parameters() if id(p) in head_ids and id(p) not in concept_ids]
+        concepts = [p for p in self.parameters() if id(p) in concept_ids]
+        head_lr = float(lr) * float(head_lr_factor)
+        groups = [
+            {"params": shared, "lr": float(lr)},
+            {"params": head, "lr": head_lr},
+            {"params": concepts, "lr": head_lr * float(concept_lr_factor)},
+        ]
         return [g for g in groups if g["params"]]
 
     # --------------------------------------------------------------------------------------------------- reporting

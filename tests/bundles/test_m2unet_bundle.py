@@ -165,13 +165,15 @@ def test_gcp_keys_reach_the_network(pooling: str, temperature, expected: tuple[f
     assert (net.emb_gcp.temperature, net.img_gcp.temperature) == expected
 
 
-@pytest.mark.parametrize("factor", [1.0, 0.2])
-def test_head_lr_factor_reaches_the_optimizer(factor: float) -> None:
+@pytest.mark.parametrize("factor, concept_factor", [(1.0, 1.0), (0.2, 1.0), (1.0, 0.1)])
+def test_head_lr_factors_reach_the_optimizer(factor: float, concept_factor: float) -> None:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
-    parser.update({"head_lr_factor": factor, "learning_rate": 0.01, "device": "$torch.device('cpu')",
-                   "features": 8, "bottleneck_features": 16, "emb_concepts": 8, "img_concepts": 8})
+    parser.update({"head_lr_factor": factor, "concept_lr_factor": concept_factor, "learning_rate": 0.01,
+                   "device": "$torch.device('cpu')", "features": 8, "bottleneck_features": 16, "emb_concepts": 8,
+                   "img_concepts": 8})
     optimizer = parser.get_parsed_content("optimizer")
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01 * factor])
+    expected = [0.01, 0.01 * factor, 0.01 * factor * concept_factor]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)

@@ -1,6 +1,9 @@
-"""M2UNet evaluation step: the fast inference copy gives the outputs of the network and follows its weights."""
+"""M2UNet engine steps: the training step's decoder subset; the evaluation step's fast inference copy gives the outputs
+of the network and follows its weights."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +13,9 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from torch import nn
 
-from chestct.multitask_engine import M2UNetEvalStep
+from chestct.multitask_engine import M2UNetEvalStep, M2UNetTrainStep
 from chestct.patch_bags import RandomPatchBagd
+from custom_nets.losses.multitask import M2UNetLoss
 from custom_nets.m2unet import M2UNet
 
 TINY = {"features": 8, "bottleneck_features": 16, "emb_concepts": 8, "img_concepts": 4}
@@ -175,3 +179,81 @@ def test_fast_inference_needs_a_python_network():
     evaluator, _ = _evaluator(net, _step(True), _scans(1))
     with pytest.raises(TypeError, match="fast_inference=False"):
         evaluator.run()
+
+
+class _Recorder(nn.Module):
+    """Wraps a network and its loss to record what the training step hands them."""
+
+    def __init__(self, net: M2UNet) -> None:
+        super().__init__()
+        self.net = net
+        self.calls: list[dict] = []
+        self.has_segmentation = net.has_segmentation
+
+    def regularization_loss(self) -> torch.Tensor:
+        return self.net.regularization_loss()
+
+    def forward(self, x, mask=None, with_segmentation=True, seg_index=None):
+        self.calls.append({"with_segmentation": with_segmentation, "seg_index": seg_index})
+        return self.net(x, mask, with_segmentation, seg_index)
+
+
+def _train_once(
+    step: M2UNetTrainStep, has_lobes: list[bool], num_patches: int = 5, seed: int = 0
+) -> tuple[_Recorder, dict, dict]:
+    torch.manual_seed(seed)
+    recorder = _Recorder(M2UNet(**TINY))
+    loss = M2UNetLoss(lam=1.0)
+    seen: dict = {}
+
+    def terms(class_logits, labels, seg_logits, lobes, **kwargs):
+        seen.update(seg_logits=seg_logits, lobes=lobes)
+        return loss.terms(class_logits, labels, seg_logits, lobes, **kwargs)
+
+    engine = SimpleNamespace(
+        network=recorder,
+        optimizer=torch.optim.SGD(recorder.parameters(), lr=0.01),
+        loss_function=SimpleNamespace(terms=terms),
+        state=SimpleNamespace(device=torch.device("cpu"), iteration=1),
+    )
+    b = len(has_lobes)
+    lobes = torch.randint(0, 6, (b, num_patches, PATCH, PATCH))
+    lobes[~torch.tensor(has_lobes)] = -1
+    batch = {"image": torch.rand(b, num_patches, 1, PATCH, PATCH), "label": torch.arange(b) % 2, "lobes": lobes,
+             "has_lobes": torch.tensor(has_lobes)}
+    output = step(engine, batch)
+    return recorder, seen, {"batch": batch, "output": output}
+
+
+@pytest.mark.parametrize("k, expected", [(None, 5), (2, 2), (1, 1), (5, 5), (9, 5)])
+def test_train_step_segments_a_random_subset_of_each_bag(k, expected):
+    recorder, seen, run = _train_once(M2UNetTrainStep(seg_patches_per_bag=k), [True, False])
+    index = recorder.calls[0]["seg_index"]
+    assert seen["seg_logits"].shape[:2] == (2, expected)
+    if expected == 5:
+        assert index is None  # the whole bag, no indexing
+        torch.testing.assert_close(seen["lobes"], run["batch"]["lobes"])
+    else:
+        assert len(set(index.tolist())) == expected and 0 <= int(index.min()) and int(index.max()) < 5
+        # the segmentation loss sees the lobes of the same patches as the decoder
+        torch.testing.assert_close(seen["lobes"], run["batch"]["lobes"][:, index])
+    assert torch.isfinite(run["output"]["loss"]) and run["output"]["segmentation"] > 0
+
+
+def test_train_step_subset_is_random():
+    step = M2UNetTrainStep(seg_patches_per_bag=2)
+    draws = {tuple(_train_once(step, [True], num_patches=6, seed=seed)[0].calls[0]["seg_index"].tolist())
+             for seed in range(8)}
+    assert len(draws) > 1
+
+
+def test_train_step_skips_the_decoder_without_lobes():
+    recorder, seen, _ = _train_once(M2UNetTrainStep(seg_patches_per_bag=2), [False, False])
+    assert recorder.calls[0]["with_segmentation"] is False and recorder.calls[0]["seg_index"] is None
+    assert seen["seg_logits"] is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
+def test_train_step_rejects_a_bad_subset_size(bad):
+    with pytest.raises(ValueError, match="seg_patches_per_bag"):
+        M2UNetTrainStep(seg_patches_per_bag=bad)

@@ -63,6 +63,26 @@ def test_classify_and_segment_agree_with_forward():
     torch.testing.assert_close(segmented.view(2, 3, 6, 64, 64), seg_logits)
 
 
+def test_seg_index_segments_only_the_chosen_patches():
+    net = _small().eval()
+    x = torch.rand(2, 4, 1, 64, 64)
+    index = torch.tensor([3, 1])
+    with torch.no_grad():
+        class_logits, seg_logits = net(x)
+        sub_class, sub_seg = net(x, None, True, index)
+    assert sub_seg.shape == (2, 2, 6, 64, 64)
+    torch.testing.assert_close(sub_seg, seg_logits[:, [3, 1]])
+    torch.testing.assert_close(sub_class, class_logits)  # the classifier still sees the whole bag
+
+
+@pytest.mark.parametrize(
+    "index", [torch.tensor([], dtype=torch.long), torch.tensor([[0, 1]]), torch.tensor([4]), torch.tensor([-1, 0])]
+)
+def test_bad_seg_index_is_rejected(index):
+    with pytest.raises(ValueError, match="seg_index"):
+        _small()(torch.rand(1, 4, 1, 32, 32), None, True, index)
+
+
 def test_padded_patches_do_not_change_the_severity():
     net = _small().eval()
     real = torch.rand(1, 2, 1, 64, 64)
@@ -100,6 +120,20 @@ def test_variants(tasks, has_class, has_seg):
         assert net.regularization_loss().item() == 0.0
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_mil_activation_keeps_negative_values_only_without_relu(activation):
+    net = _small(mil_activation=activation).eval()
+    with torch.no_grad():
+        net.emb_fc[0].bias.fill_(-10.0)  # every embedding-level unit negative before the activation
+        patch_features = net.embed_patches(torch.rand(3, 16, 4, 4))
+    assert patch_features.shape == (3, 12)
+    if activation == "relu":
+        assert (patch_features == 0).all()  # all units off: no gradient reaches the GCP below
+    else:
+        assert (patch_features < 0).all()
+    assert set(net.state_dict()) == set(_small().state_dict())  # same checkpoint keys whatever the activation
+
+
 def test_parameter_counts_match_table_one():
     table = M2UNet().parameter_table()
     # Table I of the paper, in units of 1024 parameters: 37K, 72K, 72K, 72K, 2595K
@@ -132,6 +166,11 @@ def test_torchscript_round_trip(tmp_path, tasks):
             assert (got is None) == (expected is None)
             if expected is not None:
                 torch.testing.assert_close(got, expected)
+        index = torch.tensor([2, 0])
+        for got, expected in zip(loaded(x, mask, True, index), net(x, mask, True, index)):
+            assert (got is None) == (expected is None)
+            if expected is not None:
+                torch.testing.assert_close(got, expected)
         if "classification" in tasks:
             torch.testing.assert_close(loaded.classify(x, mask), net.classify(x, mask))
         if "segmentation" in tasks:
@@ -156,6 +195,7 @@ def test_torchscript_round_trip(tmp_path, tasks):
         ({"gcp_temperature": (0.1, 1.0, 2.0)}, "pair"),
         ({"gcp_temperature": "0.1"}, "pair"),
         ({"gcp_temperature": (0.1, -1.0)}, "-1.0"),
+        ({"mil_activation": "gelu"}, "gelu"),
     ],
 )
 def test_ill_arguments(kwargs, message):
@@ -200,29 +240,35 @@ def test_ill_inputs(shape, mask_shape, message):
 
 
 @pytest.mark.parametrize(
-    "tasks, factor, expected_lrs",
+    "tasks, factor, concept_factor, expected_lrs",
     [
-        (("classification", "segmentation"), 0.2, [0.01, 0.002]),
-        (("classification", "segmentation"), 1.0, [0.01, 0.01]),
-        (("classification",), 5.0, [0.01, 0.05]),
-        (("segmentation",), 0.2, [0.01]),  # no head: one group
+        (("classification", "segmentation"), 0.2, 1.0, [0.01, 0.002, 0.002]),
+        (("classification", "segmentation"), 1.0, 1.0, [0.01, 0.01, 0.01]),
+        (("classification", "segmentation"), 1.0, 0.1, [0.01, 0.01, 0.001]),
+        (("classification",), 5.0, 0.5, [0.01, 0.05, 0.025]),
+        (("segmentation",), 0.2, 0.1, [0.01]),  # no head: one group
     ],
 )
-def test_parameter_groups_split_the_mil_head(tasks, factor, expected_lrs):
+def test_parameter_groups_split_the_mil_head(tasks, factor, concept_factor, expected_lrs):
     net = _small(tasks=tasks)
-    groups = net.parameter_groups(0.01, head_lr_factor=factor)
+    groups = net.parameter_groups(0.01, head_lr_factor=factor, concept_lr_factor=concept_factor)
     assert [g["lr"] for g in groups] == pytest.approx(expected_lrs)
     # every parameter in exactly one group
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())
-    if len(groups) == 2:
+    if len(groups) == 3:
         head = {id(p) for m in (net.emb_gcp, net.emb_fc, net.img_gcp, net.img_fc, net.classifier)
                 for p in m.parameters()}
-        assert {id(p) for p in groups[1]["params"]} == head
+        concepts = {id(net.emb_gcp.concepts), id(net.img_gcp.concepts)}
+        assert {id(p) for p in groups[1]["params"]} == head - concepts
+        assert {id(p) for p in groups[2]["params"]} == concepts
     torch.optim.SGD(groups, lr=0.01)  # a valid optimizer argument
 
 
-@pytest.mark.parametrize("lr, factor, message", [(-0.1, 1.0, "lr"), (0.01, 0.0, "head_lr_factor")])
-def test_parameter_groups_ill_arguments(lr, factor, message):
+@pytest.mark.parametrize(
+    "lr, factor, concept_factor, message",
+    [(-0.1, 1.0, 1.0, "lr"), (0.01, 0.0, 1.0, "head_lr_factor"), (0.01, 1.0, -1.0, "concept_lr_factor")],
+)
+def test_parameter_groups_ill_arguments(lr, factor, concept_factor, message):
     with pytest.raises(ValueError, match=message):
-        _small().parameter_groups(lr, head_lr_factor=factor)
+        _small().parameter_groups(lr, head_lr_factor=factor, concept_lr_factor=concept_factor)
