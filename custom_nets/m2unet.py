@@ -135,8 +135,8 @@ class M2UNet(nn.Module):
             the paper.
         mil_activation: activation after the 1x1 layer of each MIL level: ``"relu"`` (as the paper's other
             convolutions; the paper does not say), ``"leaky_relu"`` (slope 0.1) or ``"identity"``. A ReLU unit that
-            is off for every bag passes no gradient and stays off: once all of a level's units are, the severity
-            output is constant and its loss stays at ln 2.
+            is off for every bag passes no gradient and stays off; the other two cannot switch a level off for good.
+            (In the learning check a leaky ReLU still stalled at ln 2 once: that stall has another cause.)
 
     Raises:
         ValueError: for sizes (``decoder_features`` included) that are not positive, an unknown or empty ``tasks``,
@@ -359,8 +359,9 @@ class M2UNet(nn.Module):
         b, n = x.shape[0], x.shape[1]
         if mask is not None and (mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != n):
             raise ValueError(f"expected a mask of shape [{b}, {n}], got {list(mask.shape)}.")
+        # one host-device sync per step for the range check (min and max would be two)
         if seg_index is not None and (
-            seg_index.dim() != 1 or seg_index.numel() == 0 or int(seg_index.min()) < 0 or int(seg_index.max()) >= n
+            seg_index.dim() != 1 or seg_index.numel() == 0 or bool(((seg_index < 0) | (seg_index >= n)).any())
         ):
             raise ValueError(f"seg_index must be a non-empty 1D tensor of positions in [0, {n}), got {seg_index}.")
         skips = self.encode(x.flatten(0, 1))  # all patches of all bags at once: (B * N, C, H, W)
