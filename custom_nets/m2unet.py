@@ -15,7 +15,7 @@ Readings of the paper where it is not explicit:
 
 * the "1x1 conv" after each GCP acts on a feature vector, so it is a fully connected layer (``nn.Linear``) of the
   same size (256 -> 256, 128 -> 128, Table I's kernels 1x1x256 and 1x1x128); it is followed by a ReLU, as the other
-  convolutions of the network are;
+  convolutions of the network are, with no normalisation in between (``mil_norm`` can add one);
 * "up-sample" in a decoder block is a parameter-free 2x interpolation followed by the block's 3x3 conv (so the
   decoder has no transposed convolutions); every conv has a bias and every BN an affine transform, which reproduces
   Table I's encoder counts exactly (37K, 72K, 72K, 72K, 2595K with K = 1024).
@@ -40,6 +40,8 @@ NUM_DOWNSAMPLINGS = 4
 INTERPOLATION_MODES = ("nearest", "bilinear")
 # Activation after the 1x1 layer of each MIL level (the paper does not say; "relu" as its other convolutions).
 MIL_ACTIVATIONS = ("relu", "leaky_relu", "identity")
+# Normalisation between an MIL level's 1x1 layer and its activation (the paper has none).
+MIL_NORMS = ("none", "layer", "batch")
 
 
 def _double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
@@ -61,6 +63,18 @@ def _mil_activation(name: str) -> nn.Module:
     if name == "leaky_relu":
         return nn.LeakyReLU(0.1, inplace=True)
     return nn.Identity()
+
+
+def _mil_layer(size: int, norm: str, activation: str) -> nn.Sequential:
+    """An MIL level's 1x1 layer on the pooled concept similarities: linear, optional norm, activation (names checked
+    by the caller)."""
+    layers: list[nn.Module] = [nn.Linear(size, size)]
+    if norm == "layer":
+        layers.append(nn.LayerNorm(size))
+    elif norm == "batch":
+        layers.append(nn.BatchNorm1d(size))
+    layers.append(_mil_activation(activation))
+    return nn.Sequential(*layers)
 
 
 def _temperature_pair(temperature: float | Sequence[float]) -> tuple[float, float]:
@@ -137,6 +151,12 @@ class M2UNet(nn.Module):
             convolutions; the paper does not say), ``"leaky_relu"`` (slope 0.1) or ``"identity"``. A ReLU unit that
             is off for every bag passes no gradient and stays off; the other two cannot switch a level off for good.
             (In the learning check a leaky ReLU still stalled at ln 2 once: that stall has another cause.)
+        mil_norm: normalisation between the 1x1 layer and the activation of each MIL level: ``"none"`` (the
+            paper), ``"layer"`` (``nn.LayerNorm`` over the concepts of each patch or bag) or ``"batch"``
+            (``nn.BatchNorm1d`` over the patches, and over the bags at the image level, so training then needs at
+            least 2 bags per step). GCP outputs are cosines that share a large offset and differ between bags by a
+            few hundredths; a norm turns these differences into unit-scale features at once, where the plain 1x1
+            layer has to learn that gain.
 
     Raises:
         ValueError: for sizes (``decoder_features`` included) that are not positive, an unknown or empty ``tasks``,
@@ -181,6 +201,7 @@ class M2UNet(nn.Module):
         upsample_mode: str = "nearest",
         decoder_features: int | None = None,
         mil_activation: str = "relu",
+        mil_norm: str = "none",
     ) -> None:
         super().__init__()
         sizes = {
@@ -208,6 +229,8 @@ class M2UNet(nn.Module):
             raise ValueError(f"upsample_mode must be one of {INTERPOLATION_MODES}, got {upsample_mode!r}.")
         if mil_activation not in MIL_ACTIVATIONS:
             raise ValueError(f"mil_activation must be one of {MIL_ACTIVATIONS}, got {mil_activation!r}.")
+        if mil_norm not in MIL_NORMS:
+            raise ValueError(f"mil_norm must be one of {MIL_NORMS}, got {mil_norm!r}.")
         emb_temperature, img_temperature = _temperature_pair(gcp_temperature)
 
         self.in_channels = in_channels
@@ -252,9 +275,9 @@ class M2UNet(nn.Module):
             self.emb_gcp = GlobalContrastPooling(
                 bottleneck_features, emb_concepts, temperature=emb_temperature, **gcp_kwargs
             )
-            self.emb_fc = nn.Sequential(nn.Linear(emb_concepts, emb_concepts), _mil_activation(mil_activation))
+            self.emb_fc = _mil_layer(emb_concepts, mil_norm, mil_activation)
             self.img_gcp = GlobalContrastPooling(emb_concepts, img_concepts, temperature=img_temperature, **gcp_kwargs)
-            self.img_fc = nn.Sequential(nn.Linear(img_concepts, img_concepts), _mil_activation(mil_activation))
+            self.img_fc = _mil_layer(img_concepts, mil_norm, mil_activation)
             self.classifier = nn.Linear(img_concepts, num_classes)
 
     # ----------------------------------------------------------------------------------------------- building blocks

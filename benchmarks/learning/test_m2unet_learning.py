@@ -57,6 +57,7 @@ LEARNING = {
     "head_lr_factor": float(os.environ.get("M2U_HEAD_LR_FACTOR", 0.2)),
     "concept_lr_factor": float(os.environ.get("M2U_CONCEPT_LR_FACTOR", 1.0)),
     "mil_activation": os.environ.get("M2U_MIL_ACTIVATION", "relu"),
+    "mil_norm": os.environ.get("M2U_MIL_NORM", "none"),
     "batch_size": BATCH_SIZE,
     # the decoder on 3 of the 6 patches of each bag (0: all of them)
     "seg_patches_per_bag": int(os.environ.get("M2U_SEG_PATCHES", 3)) or None,

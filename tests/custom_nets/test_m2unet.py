@@ -134,6 +134,33 @@ def test_mil_activation_keeps_negative_values_only_without_relu(activation):
     assert set(net.state_dict()) == set(_small().state_dict())  # same checkpoint keys whatever the activation
 
 
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_mil_norm_standardises_the_pooled_similarities(norm):
+    net = _small(mil_norm=norm, mil_activation="identity").train()
+    with torch.no_grad():
+        net.emb_fc[0].bias.fill_(5.0)  # a shared offset, as GCP cosines have, that a norm must take away
+        features = net.embed_patches(torch.rand(6, 16, 4, 4))  # (6 patches, 12 concepts)
+    if norm == "none":
+        assert features.mean() > 4.0
+    else:  # standardised per patch (layer) or per unit over the patches (batch), by the norm's initial affine
+        dim = 1 if norm == "layer" else 0
+        torch.testing.assert_close(features.mean(dim), torch.zeros(features.shape[1 - dim]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(features.std(dim, unbiased=False), torch.ones(features.shape[1 - dim]), atol=0.05,
+                                   rtol=0)
+    keys = set(net.state_dict())
+    assert {"emb_fc.0.weight", "img_fc.0.bias"} <= keys  # the 1x1 layers keep their checkpoint keys
+    assert ("emb_fc.1.weight" in keys) == (norm != "none")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_torchscript_with_mil_norm(norm):
+    net = _small(mil_norm=norm, gcp_pooling="lse").eval()
+    x = torch.rand(2, 3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net).classify(x), net.classify(x))
+
+
 def test_parameter_counts_match_table_one():
     table = M2UNet().parameter_table()
     # Table I of the paper, in units of 1024 parameters: 37K, 72K, 72K, 72K, 2595K
@@ -196,6 +223,7 @@ def test_torchscript_round_trip(tmp_path, tasks):
         ({"gcp_temperature": "0.1"}, "pair"),
         ({"gcp_temperature": (0.1, -1.0)}, "-1.0"),
         ({"mil_activation": "gelu"}, "gelu"),
+        ({"mil_norm": "group"}, "group"),
     ],
 )
 def test_ill_arguments(kwargs, message):
