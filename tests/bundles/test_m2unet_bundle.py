@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from chestct.constants import LOBE_NAMES
 from chestct.phantoms import generate_cohort
@@ -25,6 +26,7 @@ BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "m2unet_covid_severit
 TINY = [
     "--num_patches", "4", "--patch_size", "64", "--features", "8", "--bottleneck_features", "16",
     "--emb_concepts", "8", "--img_concepts", "8", "--num_workers", "0", "--progress_bar", "False",
+    "--augment_prob", "0.5",  # the training bags go through RandPatchAffined
 ]
 
 pytestmark = pytest.mark.slow
@@ -177,3 +179,19 @@ def test_head_lr_factors_reach_the_optimizer(factor: float, concept_factor: floa
     optimizer = parser.get_parsed_content("optimizer")
     expected = [0.01, 0.01 * factor, 0.01 * factor * concept_factor]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
+
+
+def test_regularisation_keys_reach_the_network_and_the_bags() -> None:
+    from monai.bundle import ConfigParser
+
+    from chestct.bag_augment import RandPatchAffined
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.update({"mil_norm": "layer", "dropout": 0.3, "augment_prob": 0.5, "device": "$torch.device('cpu')",
+                   "features": 8, "bottleneck_features": 16, "emb_concepts": 8, "img_concepts": 8})
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net.emb_fc[1], torch.nn.LayerNorm) and isinstance(net.img_fc[1], torch.nn.LayerNorm)
+    assert net.dropout.p == 0.3
+    augment = [t for t in parser.get_parsed_content("train#random") if isinstance(t, RandPatchAffined)]
+    assert len(augment) == 1 and augment[0].prob == 0.5
