@@ -160,8 +160,8 @@ class M2UNet(nn.Module):
 
     Raises:
         ValueError: for sizes (``decoder_features`` included) that are not positive, an unknown or empty ``tasks``,
-            a dropout outside [0, 1) or an unknown ``upsample_mode`` (GCP arguments are checked by
-            :class:`GlobalContrastPooling`).
+            a dropout outside [0, 1), or an unknown ``upsample_mode``, ``mil_activation`` or ``mil_norm`` (GCP
+            arguments are checked by :class:`GlobalContrastPooling`).
 
     Inputs and outputs:
         ``forward(x, mask=None, with_segmentation=True, seg_index=None)`` takes a batch of bags ``x`` of shape

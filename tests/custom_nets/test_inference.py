@@ -167,3 +167,13 @@ def test_ill_arguments():
         fuse_conv_bn(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)))
     with pytest.raises(ValueError, match="3 features.*2 channels"):
         fuse_conv_bn(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(3)))
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_copy_keeps_the_norms_of_the_mil_head(norm):
+    net = _m2unet(mil_norm=norm).eval()  # a BatchNorm1d after a Linear is left as it is (no conv to fold into)
+    fast = inference_copy(net)
+    x = torch.rand(2, 3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fast.classify(x), net.classify(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(fast.emb_fc[1], nn.LayerNorm if norm == "layer" else nn.BatchNorm1d)
