@@ -21,6 +21,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
+from chestct.patch_bags import check_label_keys
+
 __all__ = ["RandPatchAffined"]
 
 
@@ -67,11 +69,7 @@ class RandPatchAffined(Randomizable, MapTransform):
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        label_keys_t = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
-        unknown = [k for k in label_keys_t if k not in self.keys]
-        if unknown:
-            raise ValueError(f"label_keys must be among keys {self.keys}, got {unknown}.")
-        self.label_keys = label_keys_t
+        self.label_keys = check_label_keys(label_keys, self.keys)
         self.prob = _check_range("prob", prob, 1.0)
         self.rotate_range = _check_range("rotate_range", rotate_range, math.pi)
         self.scale_range = _check_range("scale_range", scale_range, 0.5)
@@ -101,12 +99,12 @@ class RandPatchAffined(Randomizable, MapTransform):
         if len(sizes) != 1:
             raise ValueError(f"the keys {present} hold bags of different sizes {sorted(sizes)}.")
         self.randomize(sizes.pop())
-        assert self._theta is not None
+        grids: dict[tuple, torch.Tensor] = {}  # one sampling grid per patch size and device, shared by the keys
         for key in present:
-            d[key] = self._warp(d[key], key in self.label_keys)
+            d[key] = self._warp(d[key], key in self.label_keys, grids)
         return d
 
-    def _warp(self, value: Any, is_label: bool) -> Any:
+    def _warp(self, value: Any, is_label: bool, grids: dict[tuple, torch.Tensor]) -> Any:
         t = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
         expected = 3 if is_label else 4
         if t.dim() != expected:
@@ -114,9 +112,12 @@ class RandPatchAffined(Randomizable, MapTransform):
             raise ValueError(f"expected {kind}, got shape {list(t.shape)}.")
         if is_label and t.numel() and bool((t < 0).all()):
             return value  # placeholder of a scan without labels
-        theta = self._theta.to(t.device)  # type: ignore[union-attr]
         source = t[:, None].float() if is_label else t.float()
-        grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+        where = (tuple(source.shape[-2:]), str(source.device))
+        if where not in grids:
+            theta = self._theta.to(source.device)  # type: ignore[union-attr]
+            grids[where] = F.affine_grid(theta, [source.shape[0], 1, *source.shape[-2:]], align_corners=False)
+        grid = grids[where]
         if is_label:
             out = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
             return out[:, 0].round().to(t.dtype)

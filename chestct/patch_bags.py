@@ -53,6 +53,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_label_keys(label_keys: KeysCollection, keys: Sequence[Hashable]) -> tuple[Hashable, ...]:
+    """``label_keys`` as a tuple (a single string is one key), checked to be among a transform's ``keys``.
+
+    Raises:
+        ValueError: naming the label keys that are not among ``keys``.
+    """
+    label_keys_t = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
+    unknown = [k for k in label_keys_t if k not in keys]
+    if unknown:
+        raise ValueError(f"label_keys must be among keys {tuple(keys)}, got {unknown}.")
+    return label_keys_t
+
+
 def _source_name(image: Any) -> str | None:
     return image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
 
@@ -154,10 +167,7 @@ class RandomPatchBagd(Randomizable, MapTransform):
             raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}.")
         if missing_label_value is not None and not _is_int(missing_label_value):
             raise ValueError(f"missing_label_value must be an integer or None, got {missing_label_value!r}.")
-        label_keys_t = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
-        unknown = [k for k in label_keys_t if k not in self.keys]
-        if unknown:
-            raise ValueError(f"label_keys must be among keys {self.keys}, got {unknown}.")
+        label_keys_t = check_label_keys(label_keys, self.keys)
         if all(k in label_keys_t for k in self.keys):
             raise ValueError(
                 f"keys must hold at least one image key besides label_keys {label_keys_t}, got {self.keys}."
