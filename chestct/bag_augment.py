@@ -22,14 +22,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
 from chestct.patch_bags import check_label_keys
+from custom_nets.checks import check_in_range
 
 __all__ = ["RandPatchAffined"]
-
-
-def _check_range(name: str, value: float, upper: float) -> float:
-    if isinstance(value, bool) or not 0.0 <= float(value) <= upper:
-        raise ValueError(f"{name} must be in [0, {upper}], got {value!r}.")
-    return float(value)
 
 
 class RandPatchAffined(Randomizable, MapTransform):
@@ -70,10 +65,10 @@ class RandPatchAffined(Randomizable, MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = check_label_keys(label_keys, self.keys)
-        self.prob = _check_range("prob", prob, 1.0)
-        self.rotate_range = _check_range("rotate_range", rotate_range, math.pi)
-        self.scale_range = _check_range("scale_range", scale_range, 0.5)
-        self.translate_range = _check_range("translate_range", translate_range, 0.5)
+        self.prob = check_in_range("prob", prob, 0.0, 1.0)
+        self.rotate_range = check_in_range("rotate_range", rotate_range, 0.0, math.pi)
+        self.scale_range = check_in_range("scale_range", scale_range, 0.0, 0.5)
+        self.translate_range = check_in_range("translate_range", translate_range, 0.0, 0.5)
         self.pad_value = float(pad_value)
         self._theta: torch.Tensor | None = None
 

@@ -34,6 +34,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
 from chestct.errors import ChestCTInputError
+from custom_nets.checks import check_in_range, check_positive_int
 
 __all__ = [
     "BAG_MASK_KEY",
@@ -63,18 +64,6 @@ DEFAULT_MIN_LUNG_FRACTION = 0.1
 DEFAULT_PATCH_SIZE = 128
 DEFAULT_PATCH_MIN_LUNG = 0.3
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
-    return float(value)
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -178,9 +167,9 @@ class SliceBagd(MapTransform):
         if len(self.keys) != 1:
             raise ValueError(f"SliceBagd takes one image key, got {self.keys}.")
         self.lung_key = lung_key
-        self.spatial_size = _check_positive_int("spatial_size", spatial_size)
-        self.min_lung_fraction = _check_fraction("min_lung_fraction", min_lung_fraction)
-        self.max_instances = None if max_instances is None else _check_positive_int("max_instances", max_instances)
+        self.spatial_size = check_positive_int("spatial_size", spatial_size)
+        self.min_lung_fraction = check_in_range("min_lung_fraction", min_lung_fraction, 0.0, 1.0)
+        self.max_instances = None if max_instances is None else check_positive_int("max_instances", max_instances)
         self.keep_lungs = keep_lungs
         self.geometry_key = geometry_key
 
@@ -259,11 +248,11 @@ class LungPatchBagd(MapTransform):
         if len(self.keys) != 1:
             raise ValueError(f"LungPatchBagd takes one image key, got {self.keys}.")
         self.lung_key = lung_key
-        self.patch_size = _check_positive_int("patch_size", patch_size)
-        self.stride = self.patch_size if stride is None else _check_positive_int("stride", stride)
-        self.spatial_size = _check_positive_int("spatial_size", spatial_size)
-        self.min_lung_fraction = _check_fraction("min_lung_fraction", min_lung_fraction)
-        self.max_instances = None if max_instances is None else _check_positive_int("max_instances", max_instances)
+        self.patch_size = check_positive_int("patch_size", patch_size)
+        self.stride = self.patch_size if stride is None else check_positive_int("stride", stride)
+        self.spatial_size = check_positive_int("spatial_size", spatial_size)
+        self.min_lung_fraction = check_in_range("min_lung_fraction", min_lung_fraction, 0.0, 1.0)
+        self.max_instances = None if max_instances is None else check_positive_int("max_instances", max_instances)
         self.geometry_key = geometry_key
 
     def _starts(self, length: int) -> list[int]:
@@ -342,7 +331,7 @@ class RandomInstanceSampled(Randomizable, MapTransform):
         instance_keys: Sequence[str] = INSTANCE_KEYS,
     ) -> None:
         MapTransform.__init__(self, keys)
-        self.num_instances = _check_positive_int("num_instances", num_instances)
+        self.num_instances = check_positive_int("num_instances", num_instances)
         self.instance_keys = tuple(instance_keys)
         self._index: np.ndarray | None = None
 
@@ -387,7 +376,7 @@ class RandBagFlipd(Randomizable, MapTransform):
         per_instance: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys)
-        self.prob = _check_fraction("prob", prob)
+        self.prob = check_in_range("prob", prob, 0.0, 1.0)
         if any(a not in (0, 1) for a in spatial_axis):
             raise ValueError(f"spatial_axis must hold 0 and/or 1, got {spatial_axis!r}.")
         self.spatial_axis = tuple(spatial_axis)

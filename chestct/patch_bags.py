@@ -32,6 +32,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from chestct.constants import LOBE_NAMES
 from chestct.errors import ChestCTInputError
+from custom_nets.checks import check_in_range
 
 __all__ = [
     "RandomPatchBagd",
@@ -362,12 +363,6 @@ def _binary_labels(labels: Sequence[int] | np.ndarray | torch.Tensor, positive: 
     return array == positive
 
 
-def _check_fraction(target_fraction: float) -> float:
-    if isinstance(target_fraction, bool) or not 0.0 < float(target_fraction) < 1.0:
-        raise ValueError(f"target_fraction must be in (0, 1), got {target_fraction!r}.")
-    return float(target_fraction)
-
-
 def severity_oversampling_weights(
     labels: Sequence[int] | np.ndarray | torch.Tensor, target_fraction: float = 0.5, positive: int = 1
 ) -> torch.Tensor:
@@ -385,7 +380,7 @@ def severity_oversampling_weights(
     Returns:
         float64 tensor (num_cases,), for ``torch.utils.data.WeightedRandomSampler``.
     """
-    fraction = _check_fraction(target_fraction)
+    fraction = check_in_range("target_fraction", target_fraction, 0.0, 1.0, low_open=True, high_open=True)
     pos = _binary_labels(labels, positive)
     n_pos, n = int(pos.sum()), pos.size
     if n_pos in (0, n):
@@ -440,7 +435,7 @@ def oversample_cases(
     Returns:
         the new list (the input when a class is absent, with a warning).
     """
-    fraction = _check_fraction(target_fraction)
+    fraction = check_in_range("target_fraction", target_fraction, 0.0, 1.0, low_open=True, high_open=True)
     missing = [i for i, c in enumerate(cases) if label_key not in c]
     if missing:
         raise ValueError(f"cases {missing[:5]} have no {label_key!r} key.")

@@ -14,14 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from custom_nets.checks import check_positive_int
+
 __all__ = ["SPATIAL_NORMALIZATIONS", "GatedInstanceAttention", "GatedSpatialAttention"]
 
 SPATIAL_NORMALIZATIONS = ("softmax", "sigmoid")
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 class GatedSpatialAttention(nn.Module):
@@ -58,8 +55,8 @@ class GatedSpatialAttention(nn.Module):
 
     def __init__(self, in_channels: int, hidden_channels: int = 128, normalization: str = "softmax") -> None:
         super().__init__()
-        _check_positive_int(in_channels, "in_channels")
-        _check_positive_int(hidden_channels, "hidden_channels")
+        in_channels = check_positive_int("in_channels", in_channels)
+        hidden_channels = check_positive_int("hidden_channels", hidden_channels)
         if normalization not in SPATIAL_NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {SPATIAL_NORMALIZATIONS}, got {normalization!r}.")
         self.in_channels = in_channels
@@ -134,8 +131,8 @@ class GatedInstanceAttention(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int = 128) -> None:
         super().__init__()
-        _check_positive_int(in_features, "in_features")
-        _check_positive_int(hidden_features, "hidden_features")
+        in_features = check_positive_int("in_features", in_features)
+        hidden_features = check_positive_int("hidden_features", hidden_features)
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.attention_v = nn.Linear(in_features, hidden_features)

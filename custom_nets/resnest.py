@@ -24,6 +24,8 @@ from monai.networks.blocks import BaseEncoder
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, FlexibleUNet
 from torch import nn
 
+from custom_nets.checks import check_positive_int
+
 __all__ = [
     "RESNEST_VARIANTS",
     "ResNeStBottleneck",
@@ -44,11 +46,6 @@ RESNEST_VARIANTS: dict[str, dict[str, Any]] = {
     "resnest-small": {"layers": (2, 2, 2, 2), "stem_width": 16, "widths": (16, 32, 64, 128)},
     "resnest-base": {"layers": (3, 4, 6, 3), "stem_width": 32, "widths": (64, 128, 256, 512)},
 }
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 class SplitAttention2d(nn.Module):
@@ -91,17 +88,14 @@ class SplitAttention2d(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("channels", channels),
-            ("kernel_size", kernel_size),
-            ("stride", stride),
-            ("radix", radix),
-            ("groups", groups),
-            ("reduction", reduction),
-            ("min_attention_channels", min_attention_channels),
-        ):
-            _check_positive(name, value)
+        in_channels = check_positive_int("in_channels", in_channels)
+        channels = check_positive_int("channels", channels)
+        kernel_size = check_positive_int("kernel_size", kernel_size)
+        stride = check_positive_int("stride", stride)
+        radix = check_positive_int("radix", radix)
+        groups = check_positive_int("groups", groups)
+        reduction = check_positive_int("reduction", reduction)
+        min_attention_channels = check_positive_int("min_attention_channels", min_attention_channels)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}.")
         if in_channels % (groups * radix) != 0:
@@ -205,8 +199,9 @@ class ResNeStBottleneck(nn.Module):
         expansion: int = 4,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("width", width), ("expansion", expansion)):
-            _check_positive(name, value)
+        in_channels = check_positive_int("in_channels", in_channels)
+        width = check_positive_int("width", width)
+        expansion = check_positive_int("expansion", expansion)
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride!r}.")
         inner = width * groups
@@ -298,8 +293,8 @@ class ResNeStEncoder(nn.Module, BaseEncoder):
             raise ValueError(f"ResNeStEncoder is 2D only, got spatial_dims={spatial_dims!r}.")
         if pretrained:
             raise ValueError(f"no pretrained ResNeStEncoder weights are available, got pretrained={pretrained!r}.")
-        _check_positive("in_channels", in_channels)
-        _check_positive("stem_width", stem_width)
+        in_channels = check_positive_int("in_channels", in_channels)
+        stem_width = check_positive_int("stem_width", stem_width)
         if len(layers) != 4 or any(not isinstance(n, int) or n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers!r}.")
         if len(widths) != 4 or any(not isinstance(w, int) or w < 1 for w in widths):
@@ -410,8 +405,8 @@ class ResNeStUNet(FlexibleUNet):
         act: str | tuple = ("relu", {"inplace": True}),
         dropout: float | tuple = 0.0,
     ) -> None:
-        _check_positive("in_channels", in_channels)
-        _check_positive("out_channels", out_channels)
+        in_channels = check_positive_int("in_channels", in_channels)
+        out_channels = check_positive_int("out_channels", out_channels)
         if backbone not in FLEXUNET_BACKBONE.register_dict:
             raise ValueError(f"unknown backbone {backbone!r}, expected one of {sorted(RESNEST_VARIANTS)}.")
         if len(decoder_channels) != 5 or any(not isinstance(c, int) or c < 1 for c in decoder_channels):
