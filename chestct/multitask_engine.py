@@ -52,6 +52,7 @@ from chestct.writers import (
     write_csv,
     write_json,
 )
+from custom_nets.checks import check_in_range, check_positive_int
 from custom_nets.inference import inference_copy
 
 if TYPE_CHECKING:
@@ -354,12 +355,10 @@ class M2UNetEvalStep:
     ) -> None:
         for name, value in (("num_draws", num_draws), ("roi_size", roi_size), ("sw_batch_size", sw_batch_size),
                             ("slice_batch_size", slice_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            check_positive_int(name, value)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
             raise ValueError(f"chunk_size must be an integer >= 0, got {chunk_size!r}.")
-        if not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap!r}.")
+        check_in_range("overlap", overlap, 0.0, 1.0, high_open=True)
         self.bagger, self.num_draws = bagger, num_draws
         self.segment_volume, self.patch_dice = bool(segment_volume), bool(patch_dice)
         self.roi_size, self.sw_batch_size, self.overlap = roi_size, sw_batch_size, float(overlap)

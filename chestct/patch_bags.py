@@ -32,7 +32,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from chestct.constants import LOBE_NAMES
 from chestct.errors import ChestCTInputError
-from custom_nets.checks import check_in_range
+from custom_nets.checks import check_in_range, check_positive_int
 
 __all__ = [
     "RandomPatchBagd",
@@ -156,16 +156,10 @@ class RandomPatchBagd(Randomizable, MapTransform):
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if not _is_int(num_patches) or num_patches < 1:
-            raise ValueError(f"num_patches must be an integer >= 1, got {num_patches!r}.")
-        if not _is_int(patch_size) or patch_size < 1:
-            raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}.")
-        if isinstance(min_body_fraction, bool) or not 0.0 <= float(min_body_fraction) <= 1.0:
-            raise ValueError(f"min_body_fraction must be in [0, 1], got {min_body_fraction!r}.")
-        if not _is_int(max_tries) or max_tries < 1:
-            raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}.")
-        if not _is_int(num_draws) or num_draws < 1:
-            raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}.")
+        for name, value in (("num_patches", num_patches), ("patch_size", patch_size), ("max_tries", max_tries),
+                            ("num_draws", num_draws)):
+            check_positive_int(name, value)
+        check_in_range("min_body_fraction", min_body_fraction, 0.0, 1.0)
         if missing_label_value is not None and not _is_int(missing_label_value):
             raise ValueError(f"missing_label_value must be an integer or None, got {missing_label_value!r}.")
         label_keys_t = check_label_keys(label_keys, self.keys)
@@ -411,9 +405,8 @@ def severity_oversampling_sampler(
     weights = severity_oversampling_weights(labels, target_fraction, positive)
     if num_samples is None:
         num_samples = len(weights)
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
-    return WeightedRandomSampler(weights, num_samples=int(num_samples), replacement=True, generator=generator)
+    num_samples = check_positive_int("num_samples", num_samples)
+    return WeightedRandomSampler(weights, num_samples=num_samples, replacement=True, generator=generator)
 
 
 def oversample_cases(
@@ -491,15 +484,10 @@ def segment_volume_slices(
     """
     if volume.dim() != 4 or volume.shape[0] != 1:
         raise ValueError(f"expected a volume of shape (1, X, Y, Z), got {list(volume.shape)}.")
-    for name, value in (
-        ("roi_size", roi_size),
-        ("sw_batch_size", sw_batch_size),
-        ("slice_batch_size", slice_batch_size),
-    ):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    if isinstance(overlap, bool) or not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}.")
+    for name, value in (("roi_size", roi_size), ("sw_batch_size", sw_batch_size),
+                        ("slice_batch_size", slice_batch_size)):
+        check_positive_int(name, value)
+    check_in_range("overlap", overlap, 0.0, 1.0, high_open=True)
     if mode not in ("constant", "gaussian"):
         raise ValueError(f"mode must be 'constant' or 'gaussian', got {mode!r}.")
     data = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
